@@ -1,0 +1,230 @@
+"""The ``stream-kpis`` command line.
+
+Commands: ``replay`` (files through the core), ``generate`` (synthetic events), ``demo`` (the live
+pipeline on a local broker), ``worker``, ``topics create``, ``produce``, ``tail``, ``alerts render``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from .exceptions import StreamKpisError
+from .settings import load_settings
+from .timebase import parse_duration
+
+__all__ = ["main", "cli"]
+
+
+class _Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = _Duration()
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:,.4f}" if abs(value) < 1000 else f"{value:,.2f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _labels_text(record: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in record.get("labels", {}).items())
+
+
+def print_kpi_table(records: Iterable[dict[str, Any]], title: str, console: Any = None) -> None:
+    """Readable tables of KPI records, one per output topic."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .kpis import KPI_TOPICS
+
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
+    console.print(f"[bold]{title}[/bold]")
+    by_topic: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_topic.setdefault(KPI_TOPICS[record["kpi"]], []).append(record)
+    for topic, rows in by_topic.items():
+        table = Table(title=f"loyalty.kpi.{topic}", title_justify="left")
+        for column in ("kpi", "window", "labels"):
+            table.add_column(column)
+        for column in ("value", "numerator", "denominator"):
+            table.add_column(column, justify="right")
+        for record in rows:
+            table.add_row(record["kpi"], record["window"] or "", _labels_text(record),
+                          _format_value(record["value"]), _format_value(record["numerator"]),
+                          _format_value(record["denominator"]))
+        console.print(table)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="stream-kpis")
+def cli() -> None:
+    """Exact loyalty-program KPIs from Kafka event streams (and from files)."""
+
+
+@cli.command()
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML with [kpis] settings and [[replay.sources]] file mappings.")
+@click.option("--output", type=click.Choice(["table", "jsonl"]), default="table", show_default=True,
+              help="table: readable; jsonl: one SPEC record per line on stdout.")
+@click.option("--every", type=DURATION, default=None,
+              help="Also emit the KPIs each time event time passes a multiple of this (e.g. 1d).")
+@click.option("--dead-letters", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write bad lines here (JSONL: reason, detail, file, line, original).")
+@click.option("--signals", "signals_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write member signals (at_risk, churned, reactivated, points_expiring) here.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: when stderr is a terminal).")
+def replay(files: tuple[Path, ...], config_path: Path | None, output: str, every: int | None,
+           dead_letters: Path | None, signals_path: Path | None, progress: bool | None) -> None:
+    """Replay event files through the KPI core and print the KPIs as of the last event.
+
+    FILES are JSON Lines (one event per line with a "type" field) or CSV with our column names;
+    mapped CSV exports are listed in the config's [[replay.sources]].
+    """
+    from .replay import load_sources, source_for_path
+    from .replay import replay as run_replay
+
+    settings = load_settings(config_path)
+    sources = [source_for_path(path) for path in files]
+    if config_path is not None:
+        sources += load_sources(config_path)
+    if not sources:
+        raise click.UsageError("name at least one FILE, or a --config with [[replay.sources]]")
+    out = sys.stdout.buffer
+    closers = []
+
+    def writer(path: Path | None):
+        if path is None:
+            return None
+        handle = open(path, "wb")  # noqa: SIM115 (closed at the end)
+        closers.append(handle)
+        return handle
+
+    dead_file, signal_file = writer(dead_letters), writer(signals_path)
+
+    def on_dead_letter(dead: Any) -> None:
+        if dead_file is not None:
+            dead_file.write(orjson.dumps(dead.to_record()) + b"\n")
+
+    def on_signal(signal: dict) -> None:
+        signal_file.write(orjson.dumps(signal) + b"\n")
+
+    def on_series(records: list[dict]) -> None:
+        if output == "jsonl":
+            out.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
+
+    total = sum(s.path.stat().st_size for s in sources if s.path.exists())
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    try:
+        if show_progress:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TransferSpeedColumn
+
+            with Progress("[progress.description]{task.description}", BarColumn(),
+                          "[progress.percentage]{task.percentage:>3.0f}%", TransferSpeedColumn(),
+                          console=Console(stderr=True), transient=True) as bar:
+                task = bar.add_task("replay", total=total)
+                result = run_replay(sources, settings, every_ms=every, on_dead_letter=on_dead_letter,
+                                    on_signal=on_signal if signal_file else None, on_series=on_series,
+                                    on_bytes=lambda n: bar.update(task, advance=0, completed=n))
+        else:
+            result = run_replay(sources, settings, every_ms=every, on_dead_letter=on_dead_letter,
+                                on_signal=on_signal if signal_file else None, on_series=on_series)
+    finally:
+        for handle in closers:
+            handle.close()
+    if output == "jsonl":
+        out.write(b"".join(orjson.dumps(r) + b"\n" for r in result.records))
+        out.flush()
+    else:
+        from .timebase import as_of_time
+
+        as_of = "no events" if result.as_of_bucket is None else as_of_time(result.as_of_bucket,
+                                                                           settings.bucket_ms)
+        print_kpi_table(result.records, f"KPIs as of {as_of}")
+    bad = sum(result.dead_letters.values())
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(result.dead_letters.items()))
+    click.echo(f"applied {result.applied} events, {result.duplicates} duplicates, "
+               f"{bad} dead letters{f' ({reasons})' if bad else ''}, {result.signals} member signals",
+               err=True)
+
+
+@cli.command()
+@click.option("--members", type=int, default=1000, show_default=True)
+@click.option("--days", type=int, default=90, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--start", default=None, help="RFC 3339 start time (default 2024-01-01T00:00:00Z); "
+                                            "'now' ends the stream at the current time.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output JSONL file (default stdout).")
+def generate(members: int, days: int, seed: int, start: str | None, output: Path | None) -> None:
+    """Write a seeded synthetic loyalty event stream (JSON Lines)."""
+    from .generate import GeneratorConfig, write_jsonl
+    from .timebase import parse_rfc3339_ms
+
+    options: dict[str, Any] = {"members": members, "days": days, "seed": seed}
+    if start == "now":
+        import time
+
+        options["start_ms"] = (int(time.time() * 1000) // 3_600_000 * 3_600_000) - days * 86_400_000
+    elif start:
+        options["start_ms"] = parse_rfc3339_ms(start)
+    config = GeneratorConfig(**options)
+    summary = write_jsonl(config, output if output is not None else sys.stdout.buffer)
+    click.echo(f"generated {summary}", err=True)
+
+
+@cli.group()
+def alerts() -> None:
+    """KPI targets -> Prometheus alerting rules."""
+
+
+@alerts.command("render")
+@click.option("--targets", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("deploy/targets.toml"), show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Rule file to write (default stdout).")
+def alerts_render(targets: Path, output: Path | None) -> None:
+    """Render Prometheus alerting rules from a targets TOML file."""
+    from .alerts import render_to_yaml
+
+    text = render_to_yaml(targets)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: user errors print one clear line and exit 2."""
+    try:
+        cli.main(args=argv, prog_name="stream-kpis", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except StreamKpisError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except BrokenPipeError:
+        sys.exit(0)

@@ -1,0 +1,293 @@
+"""The streaming core: applies validated events to member state and aggregates (pure).
+
+One :class:`Processor` owns a set of members (one Kafka partition live, everything in replay),
+their :class:`~stream_kpis.kpis.Aggregates`, bounded de-duplication of events that have no member
+state (guest purchases, surveys), and the member-signal transitions of SPEC section 5. The Faust
+app, replay and the tests all drive this same class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+from .events import PURCHASE, REDEMPTION, SURVEY, Event
+from .kpis import LAST_TOUCH, Aggregates, MentionMatcher, churn_snapshot, evaluate, member_view
+from .settings import Settings
+from .state import ACTIVE, AT_RISK, CHURNED, MemberState
+from .timebase import format_rfc3339
+
+__all__ = ["Processor", "Signal"]
+
+Signal = dict[str, Any]
+_REACTIVATED = "reactivated"
+
+
+class Processor:
+    """Incremental KPI state for a set of members.
+
+    ``members`` is any mutable mapping member_id -> MemberState (a dict, or a Faust-table adapter);
+    every changed state is assigned back so that write-through stores see the change.
+    ``on_signal`` receives member signals; ``record_churn_history`` keeps a churn snapshot each
+    time the event clock leaves a bucket (replay), for churn_reduction.
+    """
+
+    def __init__(self, settings: Settings, members: MutableMapping[str, MemberState] | None = None,
+                 *, on_signal: Callable[[Signal], None] | None = None,
+                 record_churn_history: bool = False) -> None:
+        self.settings = settings
+        self.bucket_ms = settings.bucket_ms
+        self.validity_ms = settings.points_validity_ms
+        self.members: MutableMapping[str, MemberState] = {} if members is None else members
+        self.aggs = Aggregates()
+        self.matcher = MentionMatcher(settings.lexicons)
+        self.seen_without_member: dict[tuple, None] = {}
+        self.on_signal = on_signal
+        self.record_churn_history = record_churn_history
+        self.churn_history: dict[int, dict[int, tuple[int, int]]] = {}
+        self.max_ts: int | None = None
+        self.K: int | None = None  # as-of bucket the member statuses were last evaluated at
+        self.touch_index: dict[int, set[str]] = {}
+        self.expiry_index: dict[int, set[str]] = {}
+        self.applied = 0
+        self.duplicates = 0
+
+    # ---- applying events -------------------------------------------------------------------
+    def process(self, event: Event) -> bool:
+        """Apply one event; False if it is a duplicate (already applied)."""
+        ts = event.ts
+        if self.max_ts is None or ts > self.max_ts:
+            self.max_ts = ts
+            if self.settings.clock == "event" and (self.K is None or ts // self.bucket_ms > self.K):
+                self.advance(ts // self.bucket_ms)
+        if event.member_id is None or event.type == SURVEY:
+            if not self._first_time(event):
+                self.duplicates += 1
+                return False
+            self._event_sums(event, member=event.member_id is not None)
+            self.applied += 1
+            return True
+        return self._apply_member_event(event)
+
+    def _first_time(self, event: Event) -> bool:
+        key = (event.type, event.member_id, event.event_id)
+        seen = self.seen_without_member
+        if key in seen:
+            return False
+        seen[key] = None
+        if len(seen) > self.settings.guest_dedupe:
+            del seen[next(iter(seen))]
+        return True
+
+    def _apply_member_event(self, event: Event) -> bool:
+        member_id = event.member_id
+        state = self.members.get(member_id)
+        validity = self.validity_ms
+        if state is None:
+            state = MemberState()
+            old_view = None
+            state.seen(f"{event.type[0]}{event.event_id}", self.settings.dedupe_per_member)
+        else:
+            if state.seen(f"{event.type[0]}{event.event_id}", self.settings.dedupe_per_member):
+                self.duplicates += 1
+                return False
+            old_view = member_view(state, self.bucket_ms)
+        had_purchase = state.purchase_count > 0
+        points_event = validity is not None and (event.type == REDEMPTION or event.points)
+        if points_event:
+            self.aggs.add_lots(state.lot_contributions(validity, self.bucket_ms), -1)
+            old_unbacked = state.unbacked
+        state.apply(event, validity)
+        new_view = member_view(state, self.bucket_ms)
+        aggs = self.aggs
+        aggs.move_member(old_view, new_view)
+        totals = aggs.totals
+        if event.type == PURCHASE:
+            totals["lifetime_spend"] += event.amount
+            totals["points_balance"] += event.points
+            if not had_purchase:
+                totals["purchasers"] += 1
+        elif event.type == REDEMPTION:
+            totals["points_balance"] -= event.points
+        if points_event:
+            contributions = state.lot_contributions(validity, self.bucket_ms)
+            aggs.add_lots(contributions, 1)
+            totals["unbacked"] += state.unbacked - old_unbacked
+            for expiry, _, _ in contributions:
+                self.expiry_index.setdefault(expiry, set()).add(member_id)
+        self._event_sums(event, member=True)
+        old_touch = None if old_view is None else old_view[LAST_TOUCH]
+        if new_view[LAST_TOUCH] != old_touch:
+            if old_touch is not None:
+                self.touch_index[old_touch].discard(member_id)
+            self.touch_index.setdefault(new_view[LAST_TOUCH], set()).add(member_id)
+            self._update_status(member_id, state)
+        if points_event and self.K is not None:
+            self._expiry_notices(member_id, state, self.K)
+        self.members[member_id] = state
+        self.applied += 1
+        return True
+
+    def _event_sums(self, event: Event, member: bool) -> None:
+        bucket = event.ts // self.bucket_ms
+        add = self.aggs.add
+        if event.type == PURCHASE:
+            who = "member" if member else "guest"
+            add(f"{who}_revenue", bucket, event.amount)
+            add(f"{who}_orders", bucket, 1)
+            if event.margin is not None:
+                add(f"{who}_margin", bucket, event.margin)
+                add(f"{who}_margin_orders", bucket, 1)
+            if member and event.points:
+                add("points_earned", bucket, event.points)
+        elif event.type == REDEMPTION:
+            add("points_redeemed", bucket, event.points)
+        elif event.type == SURVEY:
+            add("surveys", bucket, 1)
+            if event.nps is not None:
+                score = 1 if event.nps >= 9 else (-1 if event.nps <= 6 else 0)
+                suffix = "_member" if member else "_guest"
+                for name in ("nps_n", "nps_n" + suffix):
+                    add(name, bucket, 1)
+                if score:
+                    for name in ("nps_net", "nps_net" + suffix):
+                        add(name, bucket, score)
+            if event.csat is not None:
+                add("csat_n", bucket, 1)
+                if event.csat >= 4:
+                    add("csat_pos", bucket, 1)
+            if event.comment:
+                for key in self.matcher.matches(event.comment):
+                    self.aggs.mention(key, bucket)
+
+    # ---- clock and member signals ----------------------------------------------------------
+    def advance(self, K: int) -> None:
+        """Move the as-of bucket to K: record history, fire time-based member signals."""
+        previous = self.K
+        if previous is not None and K <= previous:
+            return
+        if self.record_churn_history and previous is not None:
+            self.churn_history[previous] = churn_snapshot(
+                self.aggs, previous, self.settings.windows, self.settings.churn_horizon)
+        self.K = K
+        if previous is None:
+            touch_buckets = [b for b in self.touch_index if b <= K - self.settings.at_risk]
+            expiry_buckets = [b for b in self.expiry_index if b <= K + self.settings.expiring_notice]
+        else:
+            touch_buckets = self._newly_passed(self.touch_index, previous - self.settings.at_risk,
+                                               K - self.settings.at_risk)
+            touch_buckets += self._newly_passed(self.touch_index,
+                                                previous - self.settings.churn_horizon,
+                                                K - self.settings.churn_horizon)
+            expiry_buckets = self._newly_passed(self.expiry_index,
+                                                previous + self.settings.expiring_notice,
+                                                K + self.settings.expiring_notice)
+        for bucket in touch_buckets:
+            for member_id in list(self.touch_index.get(bucket, ())):
+                self._update_status(member_id, self.members[member_id])
+        for bucket in expiry_buckets:
+            for member_id in list(self.expiry_index.get(bucket, ())):
+                self._expiry_notices(member_id, self.members[member_id], K)
+
+    @staticmethod
+    def _newly_passed(index: dict[int, Any], after: int, upto: int) -> list[int]:
+        """Buckets of ``index`` in (after, upto]."""
+        if upto - after > len(index):
+            return [b for b in index if after < b <= upto]
+        return [b for b in range(after + 1, upto + 1) if b in index]
+
+    def _status_of(self, touch_bucket: int) -> str:
+        K = self.K
+        if touch_bucket <= K - self.settings.churn_horizon:
+            return CHURNED
+        if touch_bucket <= K - self.settings.at_risk:
+            return AT_RISK
+        return ACTIVE
+
+    def _update_status(self, member_id: str, state: MemberState) -> None:
+        if self.K is None:
+            return
+        status = self._status_of(state.last_touch // self.bucket_ms)
+        if status == state.status:
+            return
+        previous, state.status = state.status, status
+        self.members[member_id] = state
+        if status == ACTIVE and previous == AT_RISK:
+            return
+        signal = _REACTIVATED if previous == CHURNED and status != CHURNED else status
+        if signal == ACTIVE:
+            return
+        self._signal(member_id, signal, state)
+
+    def _expiry_notices(self, member_id: str, state: MemberState, K: int) -> None:
+        horizon = K + self.settings.expiring_notice
+        due: dict[int, int] = {}
+        for expiry, _, remaining in state.lot_contributions(self.validity_ms, self.bucket_ms):
+            if remaining and max(K, state.notified_expiry) < expiry <= horizon:
+                due[expiry] = due.get(expiry, 0) + remaining
+        for expiry in sorted(due):
+            state.notified_expiry = expiry
+            self._signal(member_id, "points_expiring", state, points=due[expiry],
+                         expires_at=format_rfc3339(expiry * self.bucket_ms))
+        if due:
+            self.members[member_id] = state
+
+    def _signal(self, member_id: str, signal: str, state: MemberState, **extra: Any) -> None:
+        if self.on_signal is None:
+            return
+        record = {"member_id": member_id, "signal": signal,
+                  "as_of": format_rfc3339((self.K + 1) * self.bucket_ms),
+                  "last_touch": format_rfc3339(state.last_touch), **extra}
+        self.on_signal(record)
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def as_of_bucket(self) -> int | None:
+        return self.K
+
+    def evaluate(self, K: int | None = None, aggregates: Aggregates | None = None
+                 ) -> list[dict[str, Any]]:
+        """KPI records as of K (default: the current as-of bucket)."""
+        K = self.K if K is None else K
+        if K is None:
+            return []
+        return evaluate_kpis(self.settings, aggregates or self.aggs, K, self.churn_history)
+
+    def member_status(self, member_id: str) -> dict[str, Any] | None:
+        """The read-model view of one member (SPEC section 6)."""
+        state = self.members.get(member_id)
+        if state is None or self.K is None:
+            return None
+        return member_status(state, self.K, self.settings)
+
+
+def evaluate_kpis(settings: Settings, aggs: Aggregates, K: int,
+                  churn_history: dict[int, dict[int, tuple[int, int]]] | None = None
+                  ) -> list[dict[str, Any]]:
+    """All KPI records as of K for these settings; records K's churn snapshot in the history."""
+    if churn_history is not None:
+        churn_history[K] = churn_snapshot(aggs, K, settings.windows, settings.churn_horizon)
+    matcher_keys = [f"{lexicon}\t{term}" for lexicon, terms in settings.lexicons.items()
+                    for term in terms]
+    return evaluate(aggs, K, bucket_ms=settings.bucket_ms, windows=settings.window_labels,
+                    horizon=settings.churn_horizon, settle=settings.settle,
+                    points_validity=settings.points_validity_ms is not None,
+                    mention_keys=matcher_keys, churn_history=churn_history)
+
+
+def member_status(state: MemberState, K: int, settings: Settings) -> dict[str, Any]:
+    """last_touch, status, points balance, tier and next expiry of one member as of K."""
+    status: dict[str, Any] = {
+        "last_touch": format_rfc3339(state.last_touch),
+        "status": state.status,
+        "points_balance": state.balance(K, settings.points_validity_ms, settings.bucket_ms),
+        "tier": state.tier,
+    }
+    if settings.points_validity_ms is not None:
+        upcoming = [(expiry, remaining) for expiry, _, remaining in
+                    state.lot_contributions(settings.points_validity_ms, settings.bucket_ms)
+                    if expiry > K and remaining]
+        if upcoming:
+            first = min(expiry for expiry, _ in upcoming)
+            status["next_expiry_points"] = sum(r for e, r in upcoming if e == first)
+            status["next_expiry_at"] = format_rfc3339(first * settings.bucket_ms)
+    return status

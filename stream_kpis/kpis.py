@@ -1,0 +1,450 @@
+"""Bucket histograms and the KPI formulas of SPEC section 4 (pure).
+
+:class:`Aggregates` holds, for one partition (or merged over all), count histograms keyed by
+bucket (how many members have field x in bucket k) and per-bucket sums of event values.
+Members move between buckets when one of their timestamps changes. KPIs are range counts and
+range sums over these histograms, so they are exact and cheap to evaluate; aggregates of several
+partitions are merged by adding them up (:meth:`Aggregates.merge`).
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+
+from .timebase import as_of_time
+
+__all__ = [
+    "Aggregates",
+    "MemberView",
+    "member_view",
+    "evaluate",
+    "churn_snapshot",
+    "KPI_TOPICS",
+    "KPI_HELP",
+    "MentionMatcher",
+]
+
+# Indexes into MemberView for the member count histograms.
+ENROLLED, LAST_ACTIVITY, LAST_TOUCH, LAST_REDEMPTION, LAST_PURCHASE, PREV_PURCHASE, \
+    FIRST_PURCHASE, FIRST_PURCHASE_SINGLE = range(8)
+_MEMBER_HISTS = 8
+
+#: Per-bucket sums of event values (names are the keys of Aggregates.sums).
+SUM_NAMES = (
+    "points_earned", "points_redeemed",
+    "member_revenue", "member_orders", "guest_revenue", "guest_orders",
+    "member_margin", "member_margin_orders", "guest_margin", "guest_margin_orders",
+    "surveys", "nps_n", "nps_net", "nps_n_member", "nps_net_member", "nps_n_guest",
+    "nps_net_guest", "csat_n", "csat_pos",
+    "lot_points", "lot_remaining",  # keyed by expiry bucket (points validity)
+)
+TOTAL_NAMES = ("members", "purchasers", "lifetime_spend", "points_balance", "unbacked")
+
+#: A member's position in the count histograms: 8 buckets (or None), then channel and tier.
+MemberView = tuple
+
+
+def member_view(state: Any, bucket_ms: int) -> MemberView:
+    """Buckets of the histogram fields of a member state (see ENROLLED ... constants)."""
+    enrolled = state.enrolled_at
+    last_activity = state.last_activity
+    touch = state.last_touch
+    first_purchase = state.first_purchase
+
+    def b(ts: int | None) -> int | None:
+        return None if ts is None else ts // bucket_ms
+
+    return (
+        b(enrolled), b(last_activity), b(touch), b(state.last_redemption), b(state.last_purchase),
+        b(state.prev_purchase), b(first_purchase),
+        b(first_purchase) if state.purchase_count == 1 else None,
+        state.channel, state.tier,
+    )
+
+
+def _add(hist: dict, key: Any, amount: float) -> None:
+    value = hist.get(key, 0) + amount
+    if value:
+        hist[key] = value
+    else:
+        hist.pop(key, None)
+
+
+class Aggregates:
+    """Histograms and sums for a set of members and events (one partition, or merged)."""
+
+    __slots__ = ("hists", "by_channel", "tiers", "sums", "mentions", "totals")
+
+    def __init__(self) -> None:
+        self.hists: list[dict[int, int]] = [{} for _ in range(_MEMBER_HISTS)]
+        self.by_channel: dict[str, dict[int, int]] = {}   # enrolled bucket histogram by channel
+        self.tiers: dict[str, int] = {}
+        self.sums: dict[str, dict[int, float]] = {name: {} for name in SUM_NAMES}
+        self.mentions: dict[str, dict[int, int]] = {}      # "lexicon\tterm" -> bucket histogram
+        self.totals: dict[str, float] = dict.fromkeys(TOTAL_NAMES, 0)
+
+    def move_member(self, old: MemberView | None, new: MemberView) -> None:
+        """Move one member from its old histogram positions to the new ones."""
+        hists = self.hists
+        if old is None:
+            self.totals["members"] += 1
+            for i in range(_MEMBER_HISTS):
+                if new[i] is not None:
+                    _add(hists[i], new[i], 1)
+            _add(self.by_channel.setdefault(new[8], {}), new[0], 1)
+            _add(self.tiers, new[9], 1)
+            return
+        for i in range(_MEMBER_HISTS):
+            before, after = old[i], new[i]
+            if before != after:
+                if before is not None:
+                    _add(hists[i], before, -1)
+                if after is not None:
+                    _add(hists[i], after, 1)
+        if old[0] != new[0] or old[8] != new[8]:
+            _add(self.by_channel.setdefault(old[8], {}), old[0], -1)
+            _add(self.by_channel.setdefault(new[8], {}), new[0], 1)
+        if old[9] != new[9]:
+            _add(self.tiers, old[9], -1)
+            _add(self.tiers, new[9], 1)
+
+    def add(self, name: str, bucket: int, amount: float) -> None:
+        _add(self.sums[name], bucket, amount)
+
+    def add_lots(self, contributions: Iterable[tuple[int, int, int]], sign: int) -> None:
+        """Add (sign=1) or remove (sign=-1) a member's (expiry bucket, points, remaining) lots."""
+        points, remaining = self.sums["lot_points"], self.sums["lot_remaining"]
+        for expiry, lot_points, lot_remaining in contributions:
+            _add(points, expiry, sign * lot_points)
+            _add(remaining, expiry, sign * lot_remaining)
+
+    def mention(self, key: str, bucket: int) -> None:
+        _add(self.mentions.setdefault(key, {}), bucket, 1)
+
+    # merging and transport (per-partition partials -> one global aggregate)
+    def merge(self, other: Aggregates) -> None:
+        for mine, theirs in zip(self.hists, other.hists, strict=True):
+            _merge_hist(mine, theirs)
+        for channel, hist in other.by_channel.items():
+            _merge_hist(self.by_channel.setdefault(channel, {}), hist)
+        _merge_hist(self.tiers, other.tiers)
+        for name, hist in other.sums.items():
+            _merge_hist(self.sums[name], hist)
+        for key, hist in other.mentions.items():
+            _merge_hist(self.mentions.setdefault(key, {}), hist)
+        for name, value in other.totals.items():
+            self.totals[name] += value
+
+    @classmethod
+    def merged(cls, parts: Iterable[Aggregates]) -> Aggregates:
+        total = cls()
+        for part in parts:
+            total.merge(part)
+        return total
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps({
+            "hists": [_pairs(h) for h in self.hists],
+            "by_channel": {c: _pairs(h) for c, h in self.by_channel.items()},
+            "tiers": self.tiers,
+            "sums": {n: _pairs(h) for n, h in self.sums.items() if h},
+            "mentions": {k: _pairs(h) for k, h in self.mentions.items()},
+            "totals": self.totals,
+        })
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Aggregates:
+        raw = orjson.loads(data)
+        aggs = cls()
+        aggs.hists = [dict(pairs) for pairs in raw["hists"]]
+        aggs.by_channel = {c: dict(p) for c, p in raw["by_channel"].items()}
+        aggs.tiers = raw["tiers"]
+        for name, pairs in raw["sums"].items():
+            aggs.sums[name] = dict(pairs)
+        aggs.mentions = {k: dict(p) for k, p in raw["mentions"].items()}
+        aggs.totals.update(raw["totals"])
+        return aggs
+
+
+def _pairs(hist: Mapping[int, float]) -> list[list]:
+    return [[k, v] for k, v in hist.items()]
+
+
+def _merge_hist(mine: dict, theirs: Mapping) -> None:
+    for key, value in theirs.items():
+        _add(mine, key, value)
+
+
+class _Ranges:
+    """Range sums over a bucket histogram as of K, where buckets after K count as K.
+
+    Expiry buckets of point lots are not event times and are not clamped (``clamp=False``).
+    """
+
+    __slots__ = ("keys", "prefix", "K")
+
+    def __init__(self, hist: Mapping[int, float], K: int, clamp: bool = True) -> None:
+        if clamp:
+            clamped: dict[int, float] = {}
+            for key, value in hist.items():
+                k = key if key < K else K
+                clamped[k] = clamped.get(k, 0) + value
+        else:
+            clamped = dict(hist)
+        self.keys = sorted(clamped)
+        self.prefix = [0]
+        running = 0
+        for key in self.keys:
+            running += clamped[key]
+            self.prefix.append(running)
+        self.K = K
+
+    def between(self, lo: int, hi: int) -> float:
+        """Sum over clamped buckets in [lo, hi]."""
+        if hi < lo:
+            return 0
+        return self.prefix[bisect_right(self.keys, hi)] - self.prefix[bisect_left(self.keys, lo)]
+
+    def upto(self, hi: int) -> float:
+        return self.prefix[bisect_right(self.keys, hi)]
+
+    def since(self, lo: int) -> float:
+        return self.prefix[-1] - self.prefix[bisect_left(self.keys, lo)]
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def _lift(top: float | None, bottom: float | None) -> float | None:
+    if top is None or bottom is None or not bottom:
+        return None
+    return top / bottom - 1
+
+
+def _nps(net: float, n: float) -> float | None:
+    return 100 * net / n if n else None
+
+
+def churn_snapshot(aggs: Aggregates, K: int, windows: Iterable[int], horizon: int
+                   ) -> dict[int, tuple[int, int]]:
+    """churn_rate (numerator, denominator) per window w <= h, as of K (SPEC section 4)."""
+    touch = _Ranges(aggs.hists[LAST_TOUCH], K)
+    enrolled = _Ranges(aggs.hists[ENROLLED], K)
+    out = {}
+    for w in windows:
+        if w > horizon:
+            continue
+        churned = touch.between(K - w - horizon + 1, K - horizon)
+        at_start = touch.since(K - w - horizon + 1) - enrolled.since(K - w + 1)
+        out[w] = (churned, at_start)
+    return out
+
+
+class MentionMatcher:
+    """Whole-word, case-insensitive, Unicode-aware lexicon matching of survey comments."""
+
+    def __init__(self, lexicons: Mapping[str, Iterable[str]]) -> None:
+        self.keys: list[str] = []
+        patterns = []
+        for lexicon, terms in lexicons.items():
+            for term in terms:
+                key = f"{lexicon}\t{term}"
+                self.keys.append(key)
+                words = r"\s+".join(re.escape(part) for part in term.casefold().split())
+                patterns.append(re.compile(rf"(?<!\w){words}(?!\w)"))
+        self.patterns = patterns
+
+    def matches(self, comment: str) -> list[str]:
+        text = comment.casefold()
+        return [key for key, pattern in zip(self.keys, self.patterns, strict=True)
+                if pattern.search(text)]
+
+
+#: KPI name -> output topic key (SPEC section 6).
+KPI_TOPICS: dict[str, str] = {}
+for _topic, _names in {
+    "active-rate": ("members", "active_members", "active_rate", "new_members", "member_growth_rate",
+                    "enrollment_rate", "tier_members"),
+    "redemption": ("redeemers", "redemption_rate", "redemption_participation", "points_earned",
+                   "points_redeemed", "points_burn_rate", "points_liability", "expired_points",
+                   "points_expiring", "breakage_rate"),
+    "churn": ("churned_members", "churn_rate", "retention_rate", "churn_reduction",
+              "one_and_done_rate"),
+    "engagement": ("repeat_purchase_rate", "aov_member", "aov_guest", "member_spend_lift",
+                   "member_revenue_share", "avg_margin_member", "avg_margin_guest", "margin_lift",
+                   "avg_lifetime_spend"),
+    "satisfaction": ("survey_responses", "nps", "nps_member", "nps_guest", "csat",
+                     "feedback_mentions"),
+}.items():
+    for _name in _names:
+        KPI_TOPICS[_name] = _topic
+
+#: One-line help per KPI (Prometheus HELP text, docs).
+KPI_HELP = {
+    "members": "Known loyalty members",
+    "active_members": "Members with a purchase or redemption in the window",
+    "active_rate": "Active members / members",
+    "new_members": "Members enrolled in the window, by acquisition channel",
+    "member_growth_rate": "Members now / members one window ago - 1",
+    "enrollment_rate": "New members / (new members + guest orders) in the window",
+    "tier_members": "Members by current tier",
+    "redeemers": "Members whose last redemption is in the window",
+    "redemption_rate": "Redeemers / members",
+    "redemption_participation": "Redeemers / active members",
+    "points_earned": "Points earned by members in the window",
+    "points_redeemed": "Points redeemed in the window",
+    "points_burn_rate": "Points redeemed / points earned in the window",
+    "points_liability": "Outstanding points (unexpired remaining minus unbacked)",
+    "expired_points": "Points that expired in the window",
+    "points_expiring": "Points that will expire within the next window",
+    "breakage_rate": "Expired points / points of lots whose expiry has passed",
+    "churned_members": "Members with no touch for the churn horizon",
+    "churn_rate": "Members churned in the window / members at risk of churning",
+    "retention_rate": "1 - churn_rate",
+    "churn_reduction": "churn_rate one window ago minus churn_rate now",
+    "one_and_done_rate": "Settled purchasers with exactly one purchase / settled purchasers",
+    "repeat_purchase_rate": "Members with two purchases in the window / members with one",
+    "aov_member": "Average member order value in the window",
+    "aov_guest": "Average guest order value in the window",
+    "member_spend_lift": "aov_member / aov_guest - 1",
+    "member_revenue_share": "Member revenue / all revenue in the window",
+    "avg_margin_member": "Average margin of member orders in the window",
+    "avg_margin_guest": "Average margin of guest orders in the window",
+    "margin_lift": "avg_margin_member / avg_margin_guest - 1",
+    "avg_lifetime_spend": "Lifetime spend per purchasing member (historic CLV)",
+    "survey_responses": "Survey responses in the window",
+    "nps": "Net promoter score in the window",
+    "nps_member": "Net promoter score of members in the window",
+    "nps_guest": "Net promoter score of non-members in the window",
+    "csat": "Share of csat responses >= 4 in the window",
+    "feedback_mentions": "Survey comments mentioning a lexicon term in the window",
+}
+
+
+class _Records:
+    """Builds the SPEC section 6 records of one evaluation."""
+
+    def __init__(self, as_of: str) -> None:
+        self.as_of = as_of
+        self.items: list[dict[str, Any]] = []
+
+    def add(self, kpi: str, window: str | None, value: float | None,
+            numerator: float | None = None, denominator: float | None = None,
+            labels: dict[str, str] | None = None) -> None:
+        record = {"kpi": kpi, "window": window, "as_of": self.as_of, "value": value,
+                  "numerator": numerator, "denominator": denominator}
+        if labels is not None:
+            record["labels"] = labels
+        self.items.append(record)
+
+    def ratio(self, kpi: str, window: str | None, numerator: float, denominator: float) -> None:
+        self.add(kpi, window, _ratio(numerator, denominator), numerator, denominator)
+
+
+def evaluate(aggs: Aggregates, K: int, *, bucket_ms: int, windows: Mapping[int, str],
+             horizon: int, settle: int, points_validity: bool = False,
+             mention_keys: Iterable[str] = (),
+             churn_history: Mapping[int, Mapping[int, tuple[int, int]]] | None = None
+             ) -> list[dict[str, Any]]:
+    """All KPI records as of bucket K. ``windows`` maps window length in buckets to its label.
+
+    ``churn_history`` maps an earlier as-of bucket to its :func:`churn_snapshot`, for
+    churn_reduction; missing entries give null.
+    """
+    out = _Records(as_of_time(K, bucket_ms))
+    hist = [_Ranges(h, K) for h in aggs.hists]
+    sums = {name: _Ranges(h, K, clamp=not name.startswith("lot_")) for name, h in aggs.sums.items()}
+    totals = aggs.totals
+    members = totals["members"]
+
+    out.add("members", None, members)
+    for tier, count in sorted(aggs.tiers.items()):
+        out.add("tier_members", None, count, labels={"tier": tier})
+    churned = hist[LAST_TOUCH].upto(K - horizon)
+    out.add("churned_members", None, churned)
+    settled = hist[FIRST_PURCHASE].upto(K - settle)
+    out.ratio("one_and_done_rate", None, hist[FIRST_PURCHASE_SINGLE].upto(K - settle), settled)
+    out.ratio("avg_lifetime_spend", None, totals["lifetime_spend"], totals["purchasers"])
+    remaining, lot_points = sums["lot_remaining"], sums["lot_points"]
+    if points_validity:
+        out.add("points_liability", None, remaining.since(K + 1) - totals["unbacked"])
+    else:
+        out.add("points_liability", None, totals["points_balance"])
+    out.ratio("breakage_rate", None, remaining.upto(K), lot_points.upto(K))
+
+    now_churn = churn_snapshot(aggs, K, windows, horizon)
+    for w, label in windows.items():
+        lo = K - w + 1
+
+        def in_window(name: str, lo: int = lo) -> float:
+            return sums[name].since(lo)
+
+        active = hist[LAST_ACTIVITY].since(lo)
+        out.add("active_members", label, active)
+        out.ratio("active_rate", label, active, members)
+        new_total = 0
+        for channel, channel_hist in sorted(aggs.by_channel.items()):
+            count = _Ranges(channel_hist, K).since(lo)
+            new_total += count
+            out.add("new_members", label, count, labels={"channel": channel})
+        base = hist[ENROLLED].upto(K - w)
+        out.add("member_growth_rate", label, _lift(members, base), members, base)
+        guest_orders = in_window("guest_orders")
+        out.ratio("enrollment_rate", label, new_total, new_total + guest_orders)
+
+        redeemers = hist[LAST_REDEMPTION].since(lo)
+        out.add("redeemers", label, redeemers)
+        out.ratio("redemption_rate", label, redeemers, members)
+        out.ratio("redemption_participation", label, redeemers, active)
+        earned, redeemed = in_window("points_earned"), in_window("points_redeemed")
+        out.add("points_earned", label, earned)
+        out.add("points_redeemed", label, redeemed)
+        out.ratio("points_burn_rate", label, redeemed, earned)
+        out.add("expired_points", label, remaining.between(lo, K))
+        out.add("points_expiring", label, remaining.between(K + 1, K + w))
+
+        if w in now_churn:
+            churn_num, churn_den = now_churn[w]
+            rate = _ratio(churn_num, churn_den)
+            out.add("churn_rate", label, rate, churn_num, churn_den)
+            out.add("retention_rate", label, None if rate is None else 1 - rate,
+                    churn_den - churn_num, churn_den)
+            past = (churn_history or {}).get(K - w, {}).get(w)
+            past_rate = None if past is None else _ratio(*past)
+            out.add("churn_reduction", label,
+                    None if past_rate is None or rate is None else past_rate - rate)
+
+        out.ratio("repeat_purchase_rate", label, hist[PREV_PURCHASE].since(lo),
+                  hist[LAST_PURCHASE].since(lo))
+        member_revenue, member_orders = in_window("member_revenue"), in_window("member_orders")
+        guest_revenue = in_window("guest_revenue")
+        aov_member, aov_guest = _ratio(member_revenue, member_orders), _ratio(guest_revenue,
+                                                                             guest_orders)
+        out.add("aov_member", label, aov_member, member_revenue, member_orders)
+        out.add("aov_guest", label, aov_guest, guest_revenue, guest_orders)
+        out.add("member_spend_lift", label, _lift(aov_member, aov_guest), aov_member, aov_guest)
+        out.ratio("member_revenue_share", label, member_revenue, member_revenue + guest_revenue)
+        margin_m, orders_m = in_window("member_margin"), in_window("member_margin_orders")
+        margin_g, orders_g = in_window("guest_margin"), in_window("guest_margin_orders")
+        avg_m, avg_g = _ratio(margin_m, orders_m), _ratio(margin_g, orders_g)
+        out.add("avg_margin_member", label, avg_m, margin_m, orders_m)
+        out.add("avg_margin_guest", label, avg_g, margin_g, orders_g)
+        out.add("margin_lift", label, _lift(avg_m, avg_g), avg_m, avg_g)
+
+        out.add("survey_responses", label, in_window("surveys"))
+        for kpi, suffix in (("nps", ""), ("nps_member", "_member"), ("nps_guest", "_guest")):
+            net, n = in_window("nps_net" + suffix), in_window("nps_n" + suffix)
+            out.add(kpi, label, _nps(net, n), net, n)
+        out.ratio("csat", label, in_window("csat_pos"), in_window("csat_n"))
+        for key in mention_keys:
+            lexicon, term = key.split("\t", 1)
+            mentions = aggs.mentions.get(key)
+            count = _Ranges(mentions, K).since(lo) if mentions else 0
+            out.add("feedback_mentions", label, count, labels={"lexicon": lexicon, "term": term})
+    return out.items
