@@ -17,10 +17,11 @@ from .settings import Settings
 from .state import ACTIVE, AT_RISK, CHURNED, MemberState
 from .timebase import format_rfc3339
 
-__all__ = ["Processor", "Signal"]
+__all__ = ["Processor", "Signal", "evaluate_kpis", "member_status", "APPLIED", "DUPLICATE", "REDELIVERED"]
 
 Signal = dict[str, Any]
 _REACTIVATED = "reactivated"
+APPLIED, DUPLICATE, REDELIVERED = "applied", "duplicate", "redelivered"
 
 
 class Processor:
@@ -34,14 +35,18 @@ class Processor:
 
     def __init__(self, settings: Settings, members: MutableMapping[str, MemberState] | None = None,
                  *, on_signal: Callable[[Signal], None] | None = None,
-                 record_churn_history: bool = False) -> None:
+                 record_churn_history: bool = False, track_changes: bool = False) -> None:
         self.settings = settings
         self.bucket_ms = settings.bucket_ms
         self.validity_ms = settings.points_validity_ms
         self.members: MutableMapping[str, MemberState] = {} if members is None else members
         self.aggs = Aggregates()
         self.matcher = MentionMatcher(settings.lexicons)
-        self.seen_without_member: dict[tuple, None] = {}
+        self.seen_without_member: dict[str, str | None] = {}  # guest and survey dedupe keys
+        self.bucket_offsets: dict[int, dict[str, int]] = {}  # bucket -> topic -> last offset summed
+        self.track_changes = track_changes  # live: remember what to persist at the next flush
+        self.changed_buckets: set[int] = set()
+        self.changed_seen: set[str] = set()
         self.on_signal = on_signal
         self.record_churn_history = record_churn_history
         self.churn_history: dict[int, dict[int, tuple[int, int]]] = {}
@@ -53,44 +58,65 @@ class Processor:
         self.duplicates = 0
 
     # ---- applying events -------------------------------------------------------------------
-    def process(self, event: Event) -> bool:
-        """Apply one event; False if it is a duplicate (already applied)."""
+    def process(self, event: Event, token: tuple[str, int] | None = None) -> str:
+        """Apply one event. Returns ``"applied"``, ``"duplicate"`` or ``"redelivered"``.
+
+        ``token`` (topic, offset) identifies the Kafka record live: a record delivered again
+        after a crash is recognised as such, and each persisted record (member state, bucket
+        sums) applies it at most once, so at-least-once delivery gives exactly-once KPIs.
+        """
         ts = event.ts
         if self.max_ts is None or ts > self.max_ts:
             self.max_ts = ts
             if self.settings.clock == "event" and (self.K is None or ts // self.bucket_ms > self.K):
                 self.advance(ts // self.bucket_ms)
+        tag = None if token is None else f"{token[0]}:{token[1]}"
         if event.member_id is None or event.type == SURVEY:
-            if not self._first_time(event):
+            outcome = self._seen_without_member(event, tag)
+            if outcome == DUPLICATE:
                 self.duplicates += 1
-                return False
-            self._event_sums(event, member=event.member_id is not None)
-            self.applied += 1
-            return True
-        return self._apply_member_event(event)
+                return DUPLICATE
+            self._event_sums(event, event.member_id is not None, token)
+            if outcome is None:
+                self.applied += 1
+                return APPLIED
+            return REDELIVERED
+        return self._apply_member_event(event, tag, token)
 
-    def _first_time(self, event: Event) -> bool:
-        key = (event.type, event.member_id, event.event_id)
+    def _seen_without_member(self, event: Event, tag: str | None) -> str | None:
+        key = f"{event.type[0]}|{event.member_id or ''}|{event.event_id}"
         seen = self.seen_without_member
         if key in seen:
-            return False
-        seen[key] = None
+            return REDELIVERED if tag is not None and seen[key] == tag else DUPLICATE
+        seen[key] = tag
+        if self.track_changes:
+            self.changed_seen.add(key)
         if len(seen) > self.settings.guest_dedupe:
-            del seen[next(iter(seen))]
-        return True
+            oldest = next(iter(seen))
+            del seen[oldest]
+            if self.track_changes:
+                self.changed_seen.add(oldest)
+        return None
 
-    def _apply_member_event(self, event: Event) -> bool:
+    def _apply_member_event(self, event: Event, tag: str | None, token: tuple[str, int] | None
+                            ) -> str:
         member_id = event.member_id
         state = self.members.get(member_id)
         validity = self.validity_ms
+        key = f"{event.type[0]}{event.event_id}"
         if state is None:
             state = MemberState()
             old_view = None
-            state.seen(f"{event.type[0]}{event.event_id}", self.settings.dedupe_per_member)
+            state.seen(key, tag, self.settings.dedupe_per_member)
         else:
-            if state.seen(f"{event.type[0]}{event.event_id}", self.settings.dedupe_per_member):
+            outcome = state.seen(key, tag, self.settings.dedupe_per_member)
+            if outcome == DUPLICATE:
                 self.duplicates += 1
-                return False
+                return DUPLICATE
+            if outcome == REDELIVERED:
+                # the member record already includes it; the bucket sums may not
+                self._event_sums(event, True, token)
+                return REDELIVERED
             old_view = member_view(state, self.bucket_ms)
         had_purchase = state.purchase_count > 0
         points_event = validity is not None and (event.type == REDEMPTION or event.points)
@@ -115,7 +141,7 @@ class Processor:
             totals["unbacked"] += state.unbacked - old_unbacked
             for expiry, _, _ in contributions:
                 self.expiry_index.setdefault(expiry, set()).add(member_id)
-        self._event_sums(event, member=True)
+        self._event_sums(event, True, token)
         old_touch = None if old_view is None else old_view[LAST_TOUCH]
         if new_view[LAST_TOUCH] != old_touch:
             if old_touch is not None:
@@ -126,10 +152,18 @@ class Processor:
             self._expiry_notices(member_id, state, self.K)
         self.members[member_id] = state
         self.applied += 1
-        return True
+        return APPLIED
 
-    def _event_sums(self, event: Event, member: bool) -> None:
+    def _event_sums(self, event: Event, member: bool, token: tuple[str, int] | None) -> None:
         bucket = event.ts // self.bucket_ms
+        if token is not None:
+            offsets = self.bucket_offsets.setdefault(bucket, {})
+            topic, offset = token
+            if offsets.get(topic, -1) >= offset:
+                return  # this bucket's persisted sums already include this record
+            offsets[topic] = offset
+        if self.track_changes:
+            self.changed_buckets.add(bucket)
         add = self.aggs.add
         if event.type == PURCHASE:
             who = "member" if member else "guest"

@@ -256,8 +256,7 @@ class MentionMatcher:
             for term in terms:
                 key = f"{lexicon}\t{term}"
                 self.keys.append(key)
-                words = r"\s+".join(re.escape(part) for part in term.casefold().split())
-                patterns.append(re.compile(rf"(?<!\w){words}(?!\w)"))
+                patterns.append(re.compile(rf"(?<!\w){re.escape(term.casefold())}(?!\w)"))
         self.patterns = patterns
 
     def matches(self, comment: str) -> list[str]:
@@ -390,6 +389,8 @@ def evaluate(aggs: Aggregates, K: int, *, bucket_ms: int, windows: Mapping[int, 
         out.ratio("active_rate", label, active, members)
         new_total = 0
         for channel, channel_hist in sorted(aggs.by_channel.items()):
+            if not channel_hist:
+                continue  # no member has this channel any more
             count = _Ranges(channel_hist, K).since(lo)
             new_total += count
             out.add("new_members", label, count, labels={"channel": channel})

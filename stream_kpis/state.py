@@ -84,7 +84,7 @@ class MemberState:
         self.points_redeemed = 0
         self.last_redemption: int | None = None
         self.redemption_count = 0
-        self.recent: list[str] = []
+        self.recent: dict[str, str | None] = {}  # dedupe key -> delivery token (bounded FIFO)
         self.lots: list[list] | None = None         # with points validity: [ts, event_id, points]
         self.redemptions: list[list] | None = None  # with points validity: [ts, event_id, points]
         self.remaining: list[int] | None = None     # per lot, after allocation
@@ -104,15 +104,17 @@ class MemberState:
             return enrolled
         return self.last_activity if enrolled is None or self.last_activity > enrolled else enrolled
 
-    def seen(self, key: str, bound: int) -> bool:
-        """True if ``key`` was applied recently; otherwise remember it (bounded FIFO)."""
+    def seen(self, key: str, token: str | None, bound: int) -> str | None:
+        """How this delivery relates to what the state holds: None (new: remembered now),
+        ``"duplicate"`` (another delivery of an applied event) or ``"redelivered"`` (this very
+        Kafka record again, after a crash: the state already includes it)."""
         recent = self.recent
         if key in recent:
-            return True
-        recent.append(key)
+            return "redelivered" if token is not None and recent[key] == token else "duplicate"
+        recent[key] = token
         if len(recent) > bound:
-            del recent[0]
-        return False
+            del recent[next(iter(recent))]
+        return None
 
     def apply(self, event: Event, validity_ms: int | None) -> None:
         """Apply one (already de-duplicated) event."""

@@ -1,0 +1,349 @@
+"""Prometheus metrics of a stream-kpis worker, always on an injected registry.
+
+Two kinds of metrics live here (names fixed by the project contract):
+
+* ``WorkerMetrics``: per-worker operational metrics (``stream_kpis_*``) -- events by topic
+  and outcome, dead letters, duplicates, latency histograms, lags, table sizes, emissions,
+  signals, Redis errors. Its methods are called from the hot path, so labelled children are
+  cached in dicts instead of calling ``.labels()`` for every event.
+* ``KpiCollector``: a custom collector that turns the latest list of KPI records into
+  ``loyalty_<kpi>`` gauges *at scrape time*. Only the worker holding the global-exporter role
+  exports them; ``set_exporting(False)`` makes ``collect()`` yield nothing, so a worker that
+  loses the role stops exporting immediately. ``set_exporting`` is also the one place that
+  sets ``stream_kpis_global_exporter``.
+
+Nothing here touches the process-global ``prometheus_client.REGISTRY`` unless it is passed
+in explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "EVENT_OUTCOMES",
+    "KPI_HELP",
+    "KPI_LABEL_NAMES",
+    "KpiCollector",
+    "WorkerMetrics",
+    "render_latest",
+]
+
+EVENT_OUTCOMES = frozenset({"applied", "duplicate", "dead_letter"})
+
+# The only label names a loyalty_* gauge may carry (SPEC section 6: low-cardinality labels
+# only). Anything else -- above all a member id -- is rejected in KpiCollector.update().
+KPI_LABEL_NAMES = frozenset({"window", "tier", "channel", "lexicon", "term"})
+
+# Per-batch processing time: sub-millisecond batches up to a stalled 10 s batch.
+PROCESSING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                      2.5, 5.0, 10.0)
+# Event lag (wall clock - event ts): live traffic is sub-second, a catch-up is hours behind.
+EVENT_LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                     900.0, 3600.0, 21600.0, 86400.0)
+
+KPI_HELP: dict[str, str] = {
+    "members": "Known loyalty members as of the current bucket.",
+    "active_members": "Members with a purchase or redemption in the window.",
+    "active_rate": "Active members in the window divided by all members.",
+    "new_members": "Members enrolled in the window, per enrollment channel.",
+    "member_growth_rate": "Members now divided by members one window earlier, minus 1.",
+    "enrollment_rate": "New members in the window / (new members + guest orders) in the window.",
+    "tier_members": "Members per current tier.",
+    "redeemers": "Members with at least one redemption in the window.",
+    "redemption_rate": "Redeemers in the window divided by all members.",
+    "redemption_participation": "Redeemers in the window divided by active members.",
+    "points_earned": "Points earned by members in the window.",
+    "points_redeemed": "Points redeemed by members in the window.",
+    "points_burn_rate": "Points redeemed divided by points earned in the window.",
+    "points_liability": "Outstanding (earned, unexpired, unredeemed) points.",
+    "expired_points": "Points that expired unredeemed in the window.",
+    "points_expiring": "Points that will expire unredeemed within the next window.",
+    "breakage_rate": "Share of expired lots' points that were never redeemed.",
+    "churned_members": "Members currently churned (no activity for the churn horizon).",
+    "churn_rate": "Share of members at risk of churning in the window that churned.",
+    "retention_rate": "Share of members at risk of churning in the window that were retained.",
+    "churn_reduction": "Reduction of the churn rate against one window earlier.",
+    "one_and_done_rate": "Share of purchasing members with exactly one purchase.",
+    "repeat_purchase_rate": "Share of purchasing members with a repeat purchase in the window.",
+    "aov_member": "Average order value of member purchases in the window.",
+    "aov_guest": "Average order value of guest purchases in the window.",
+    "member_spend_lift": "Member AOV divided by guest AOV, minus 1.",
+    "member_revenue_share": "Member revenue divided by all revenue in the window.",
+    "avg_margin_member": "Average margin of member orders carrying a margin in the window.",
+    "avg_margin_guest": "Average margin of guest orders carrying a margin in the window.",
+    "margin_lift": "Average member margin divided by average guest margin, minus 1.",
+    "avg_lifetime_spend": "Average lifetime spend of members with at least one purchase.",
+    "survey_responses": "Survey responses received in the window.",
+    "nps": "Net promoter score (100 * (promoters - detractors) / responses) in the window.",
+    "nps_member": "Net promoter score of member responses in the window.",
+    "nps_guest": "Net promoter score of guest responses in the window.",
+    "csat": "Share of CSAT responses scoring 4 or 5 in the window.",
+    "feedback_mentions": "Survey comments mentioning a lexicon term in the window.",
+}
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+
+
+class WorkerMetrics:
+    """The operational ``stream_kpis_*`` metrics of one worker, on ``registry``.
+
+    The metric objects are public attributes (``events``, ``dead_letters``, ``duplicates``,
+    ``processing_seconds``, ``event_lag_seconds``, ``watermark_lag_seconds``,
+    ``consumer_lag_messages``, ``table_rows``, ``kpi_emissions``, ``last_emit_timestamp``,
+    ``global_exporter``, ``signals``, ``redis_errors``); the methods are the intended way to
+    update them. The outcome methods keep the counters consistent: a duplicate counts in
+    both ``events_total{outcome="duplicate"}`` and ``duplicates_total``, a dead letter in
+    both ``events_total{outcome="dead_letter"}`` and ``dead_letters_total``.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.events = Counter(
+            "stream_kpis_events", "Input events by topic and outcome.",
+            ["topic", "outcome"], registry=registry)
+        self.dead_letters = Counter(
+            "stream_kpis_dead_letters", "Events sent to the dead-letter topic, by reason.",
+            ["reason"], registry=registry)
+        self.duplicates = Counter(
+            "stream_kpis_duplicates", "Duplicate events ignored, by topic.",
+            ["topic"], registry=registry)
+        self.processing_seconds = Histogram(
+            "stream_kpis_processing_seconds", "Processing time per event batch.",
+            registry=registry, buckets=PROCESSING_BUCKETS)
+        self.event_lag_seconds = Histogram(
+            "stream_kpis_event_lag_seconds",
+            "Wall clock at processing minus event timestamp (live events).",
+            registry=registry, buckets=EVENT_LAG_BUCKETS)
+        self.watermark_lag_seconds = Gauge(
+            "stream_kpis_watermark_lag_seconds",
+            "Wall clock now minus the largest event timestamp seen.", registry=registry)
+        self.consumer_lag_messages = Gauge(
+            "stream_kpis_consumer_lag_messages",
+            "Highwater minus consumer position, summed over the topic's assigned partitions.",
+            ["topic"], registry=registry)
+        self.table_rows = Gauge(
+            "stream_kpis_table_rows", "Rows in a worker table.", ["table"], registry=registry)
+        self.kpi_emissions = Counter(
+            "stream_kpis_kpi_emissions", "KPI evaluations published.", registry=registry)
+        self.last_emit_timestamp = Gauge(
+            "stream_kpis_last_emit_timestamp_seconds",
+            "Unix time of the last KPI emission.", registry=registry)
+        self.global_exporter = Gauge(
+            "stream_kpis_global_exporter",
+            "1 on the one worker exporting the loyalty_* KPI gauges, else 0.", registry=registry)
+        self.signals = Counter(
+            "stream_kpis_signals", "Member signals emitted, by signal.",
+            ["signal"], registry=registry)
+        self.redis_errors = Counter(
+            "stream_kpis_redis_errors", "Failed Redis read-model writes.", registry=registry)
+
+        # Labelled children cached by label values: .labels() costs a lock and a dict
+        # lookup with tuple building on every call, which adds up per event.
+        self._event_children: dict[tuple[str, str], Any] = {}
+        self._dead_letter_children: dict[str, Any] = {}
+        self._duplicate_children: dict[str, Any] = {}
+        self._signal_children: dict[str, Any] = {}
+        self._consumer_lag_children: dict[str, Any] = {}
+        self._table_children: dict[str, Any] = {}
+
+    # -- counters on the hot path -------------------------------------------------------
+
+    def count_events(self, topic: str, outcome: str, n: int = 1) -> None:
+        """Add ``n`` to ``stream_kpis_events_total{topic, outcome}`` only.
+
+        Prefer ``count_applied`` / ``count_duplicates`` / ``count_dead_letters``, which also
+        keep ``duplicates_total`` and ``dead_letters_total`` in step.
+        """
+        key = (topic, outcome)
+        child = self._event_children.get(key)
+        if child is None:
+            if outcome not in EVENT_OUTCOMES:
+                raise ValueError(
+                    f"unknown event outcome {outcome!r}; use one of {sorted(EVENT_OUTCOMES)}")
+            child = self._event_children[key] = self.events.labels(topic, outcome)
+        child.inc(n)
+
+    def count_applied(self, topic: str, n: int = 1) -> None:
+        """Count ``n`` events of ``topic`` applied to the state."""
+        self.count_events(topic, "applied", n)
+
+    def count_duplicates(self, topic: str, n: int = 1) -> None:
+        """Count ``n`` duplicate events of ``topic`` (events_total and duplicates_total)."""
+        self.count_events(topic, "duplicate", n)
+        _cached_child(self._duplicate_children, self.duplicates, topic).inc(n)
+
+    def count_dead_letters(self, topic: str, reason: str, n: int = 1) -> None:
+        """Count ``n`` events of ``topic`` sent to the DLQ for ``reason``."""
+        self.count_events(topic, "dead_letter", n)
+        self.count_dead_letter_reason(reason, n)
+
+    def count_dead_letter_reason(self, reason: str, n: int = 1) -> None:
+        """Add ``n`` to ``dead_letters_total{reason}`` only (no topic known, e.g. replay)."""
+        _cached_child(self._dead_letter_children, self.dead_letters, reason).inc(n)
+
+    def count_signal(self, signal: str, n: int = 1) -> None:
+        """Count ``n`` member signals of kind ``signal`` (at_risk, churned, reactivated)."""
+        _cached_child(self._signal_children, self.signals, signal).inc(n)
+
+    def count_redis_error(self, n: int = 1) -> None:
+        """Count a failed Redis read-model write (pass as ``ReadModel(on_error=...)``)."""
+        self.redis_errors.inc(n)
+
+    # -- histograms ---------------------------------------------------------------------
+
+    def observe_batch(self, seconds: float) -> None:
+        """Record the processing time of one event batch."""
+        self.processing_seconds.observe(seconds)
+
+    def observe_event_lag(self, seconds: float) -> None:
+        """Record wall clock at processing minus the event timestamp of one live event."""
+        self.event_lag_seconds.observe(seconds)
+
+    # -- gauges -------------------------------------------------------------------------
+
+    def set_watermark_lag(self, seconds: float) -> None:
+        """Set wall clock now minus the largest event timestamp seen."""
+        self.watermark_lag_seconds.set(seconds)
+
+    def set_consumer_lag(self, topic: str, messages: int) -> None:
+        """Set highwater minus position, summed over the topic's assigned partitions."""
+        _cached_child(self._consumer_lag_children, self.consumer_lag_messages, topic).set(
+            messages)
+
+    def set_table_rows(self, table: str, rows: int) -> None:
+        """Set the number of rows in worker table ``table`` (e.g. ``members``)."""
+        _cached_child(self._table_children, self.table_rows, table).set(rows)
+
+    def record_kpi_emission(self, now: float | None = None) -> None:
+        """Count one published KPI evaluation and stamp its unix time (default: now)."""
+        self.kpi_emissions.inc()
+        self.last_emit_timestamp.set(time.time() if now is None else now)
+
+
+def _cached_child(cache: dict[str, Any], metric: Any, label_value: str) -> Any:
+    """The child of single-label ``metric`` for ``label_value``, created once."""
+    child = cache.get(label_value)
+    if child is None:
+        child = cache[label_value] = metric.labels(label_value)
+    return child
+
+
+# One exported sample: (labels, value).
+_Sample = tuple[dict[str, str], float]
+
+
+class KpiCollector(Collector):
+    """``loyalty_<kpi>`` gauges built at scrape time from the latest KPI records.
+
+    ``update(records)`` replaces the whole snapshot; ``collect()`` (run by the scrape
+    thread) reads it under a lock. Records whose value is null are skipped, so a gauge is
+    absent rather than NaN. While ``exporting`` is False, ``collect()`` yields nothing.
+
+    Pass ``registry`` to register the collector there, and ``worker_metrics`` so that
+    ``set_exporting`` also sets ``stream_kpis_global_exporter`` -- the single place where
+    the role is switched.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        worker_metrics: WorkerMetrics | None = None,
+        exporting: bool = False,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._snapshot: dict[str, list[_Sample]] = {}
+        self._worker_metrics = worker_metrics
+        self._exporting = False
+        self.set_exporting(exporting)
+        if registry is not None:
+            registry.register(self)
+
+    @property
+    def exporting(self) -> bool:
+        """Whether this worker currently exports the loyalty_* gauges."""
+        return self._exporting
+
+    def set_exporting(self, exporting: bool) -> None:
+        """Take (True) or give up (False) the global-exporter role."""
+        with self._lock:
+            self._exporting = bool(exporting)
+        if self._worker_metrics is not None:
+            self._worker_metrics.global_exporter.set(1 if exporting else 0)
+
+    def update(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Replace the snapshot with ``records`` (KPI record dicts of SPEC section 6).
+
+        Raises ``ValueError`` for a KPI name that is not a valid metric name or a label
+        outside ``KPI_LABEL_NAMES`` (a member id must never become a label).
+        """
+        snapshot: dict[str, list[_Sample]] = {}
+        for record in records:
+            kpi = record["kpi"]
+            if not _METRIC_NAME.match(kpi):
+                raise ValueError(f"KPI name {kpi!r} is not a valid Prometheus metric name")
+            labels = _gauge_labels(record)  # validated even when the value is null
+            value = record.get("value")
+            if value is None or not math.isfinite(value):
+                continue  # null KPI: no sample at all (never NaN)
+            snapshot.setdefault(kpi, []).append((labels, float(value)))
+        with self._lock:
+            self._snapshot = snapshot
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: the gauge names depend on the records (avoids a collect())."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield one gauge family per KPI with at least one non-null value."""
+        with self._lock:
+            if not self._exporting:
+                return
+            snapshot = self._snapshot
+        for kpi, samples in snapshot.items():
+            name = f"loyalty_{kpi}"
+            family = Metric(name, KPI_HELP.get(kpi, f"Loyalty KPI {kpi}."), "gauge")
+            for labels, value in samples:
+                family.add_sample(name, labels, value)
+            yield family
+
+
+def _gauge_labels(record: Mapping[str, Any]) -> dict[str, str]:
+    """Prometheus labels of a KPI record: ``window`` (if not null) plus its own labels."""
+    labels: dict[str, str] = {}
+    window = record.get("window")
+    if window is not None:
+        labels["window"] = str(window)
+    for name, value in (record.get("labels") or {}).items():
+        if name not in KPI_LABEL_NAMES or name == "window":
+            raise ValueError(
+                f"label {name!r} of KPI {record['kpi']!r} is not allowed on a loyalty_* gauge; "
+                f"allowed record labels: {sorted(KPI_LABEL_NAMES - {'window'})}")
+        labels[name] = str(value)
+    return labels
+
+
+def render_latest(registry: CollectorRegistry) -> bytes:
+    """The text exposition of ``registry`` for the ``/metrics`` endpoint.
+
+    Serve it with ``Content-Type: CONTENT_TYPE_LATEST``.
+    """
+    return generate_latest(registry)

@@ -1,0 +1,610 @@
+"""Hand-worked examples for the brute-force test oracle (tests/oracle.py).
+
+Every expected number below is worked out by hand in the comments from SPEC.md
+sections 1-4.1 and CONTRACT.md, never copied from the oracle's output. Buckets are
+1 h wide; ``at(k)`` is the start of bucket k. Window [a, b] means buckets a..b.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from pytest import approx
+
+from tests.oracle import brute_force_kpis, mentions
+
+B = 3_600_000  # bucket width: 1 h in ms
+
+
+def at(bucket: int, offset_ms: int = 0) -> int:
+    return bucket * B + offset_ms
+
+
+def purchase(eid, member, bucket, amount=10.0, *, points=0, margin=None, tier=None, offset=0):
+    return {
+        "type": "purchase",
+        "event_id": eid,
+        "member_id": member,
+        "ts": at(bucket, offset),
+        "amount": amount,
+        "points": points,
+        "margin": margin,
+        "tier": tier,
+    }
+
+
+def redemption(eid, member, bucket, points, *, offset=0):
+    return {
+        "type": "redemption",
+        "event_id": eid,
+        "member_id": member,
+        "ts": at(bucket, offset),
+        "points": points,
+    }
+
+
+def enrollment(eid, member, bucket, channel=None, tier=None):
+    return {
+        "type": "enrollment",
+        "event_id": eid,
+        "member_id": member,
+        "ts": at(bucket),
+        "channel": channel,
+        "tier": tier,
+    }
+
+
+def survey(eid, member, bucket, *, nps=None, csat=None, comment=None):
+    return {
+        "type": "survey",
+        "event_id": eid,
+        "member_id": member,
+        "ts": at(bucket),
+        "nps": nps,
+        "csat": csat,
+        "comment": comment,
+    }
+
+
+def run(events, *, as_of, windows=(3,), h=4, s=4, validity=None, lexicons=None, labels=None):
+    return brute_force_kpis(
+        list(events),
+        bucket_ms=B,
+        windows=list(windows),
+        churn_horizon=h,
+        settle=s,
+        as_of=as_of,
+        points_validity_ms=validity,
+        lexicons=lexicons,
+        window_labels=labels,
+    )
+
+
+def kpi(result, name, window=None, **labels):
+    return result[(name, window, tuple(sorted(labels.items())))]
+
+
+# --- scenarios (each member / guest event id unique across scenarios) -----------------
+
+
+def rates_events():
+    # ann: enrolled b0 (web), bought b2 (10 pts), redeemed 4 pts at b9 -> last_activity 9
+    # ben: enrolled b1 (store), bought b5 (3 pts)                    -> last_activity 5
+    # cat: no enrollment, bought b8 (2 pts)                          -> last_activity 8
+    # a guest purchase with 7 pts (ignored), and dan who only answered a survey (not a member)
+    return [
+        enrollment("e-ann", "ann", 0, "web"),
+        purchase("p-ann", "ann", 2, 100.0, points=10),
+        redemption("r-ann", "ann", 9, 4),
+        enrollment("e-ben", "ben", 1, "store"),
+        purchase("p-ben", "ben", 5, 30.0, points=3),
+        purchase("p-cat", "cat", 8, 20.0, points=2),
+        purchase("g-rates", None, 9, 40.0, points=7),
+        survey("s-dan", "dan", 9, nps=10),
+    ]
+
+
+def churn_events():
+    # member  enrolled_at  last_activity  last_touch
+    # m1      0            -              0
+    # m2      1            4              4
+    # m3      2            5 (redeem)     5
+    # m4      3            7              7
+    # m5      9            -              9
+    # m6      7 (implicit) 7              7
+    # m7      3            -              3
+    return [
+        enrollment("e-m1", "m1", 0),
+        enrollment("e-m2", "m2", 1),
+        purchase("p-m2", "m2", 4),
+        enrollment("e-m3", "m3", 2),
+        redemption("r-m3", "m3", 5, 1),
+        enrollment("e-m4", "m4", 3),
+        purchase("p-m4", "m4", 7),
+        enrollment("e-m5", "m5", 9),
+        purchase("p-m6", "m6", 7),
+        enrollment("e-m7", "m7", 3),
+    ]
+
+
+def enrollment_events():
+    # e1: enrolled b8 via web.
+    # e2: bought at b2 (implicit member, "unknown"), then an enrollment at b9 via app
+    #     arrives: the enrollment wins -> enrolled_at 9, channel app, last_touch 9.
+    # e3: only a redemption at b5 -> implicit, enrolled_at 5, channel unknown.
+    # e4: enrollment at b7 (channel None) arrives first, then an earlier one at b3 via
+    #     store: earliest enrollment wins -> enrolled_at 3, channel store.
+    # guest orders at b9, b6, b5.
+    return [
+        enrollment("e-e1", "e1", 8, "web"),
+        purchase("p-e2", "e2", 2),
+        enrollment("e-e2", "e2", 9, "app"),
+        redemption("r-e3", "e3", 5, 1),
+        enrollment("e-e4-b", "e4", 7, None),
+        enrollment("e-e4-a", "e4", 3, "store"),
+        purchase("g-e1", None, 9),
+        purchase("g-e2", None, 6),
+        purchase("g-e3", None, 5),
+    ]
+
+
+def validity_events(r2_offset=0):
+    # V = 3 buckets. v1's lots: P1 (ts 0, 10 pts, expires at(3), exactly a bucket edge),
+    # P2 (ts at(1), 5 pts, expires at(4)), P3 (at(4)+10, 9 pts, expires at(7)+10 -> b7),
+    # P4 (at(6), 2 pts, expires at(9)). v2: P5 (at(2), 3 pts, expires at(5)) and
+    # P6 (at(3)+7, 4 pts, expires at(6)+7 -> b6).
+    return [
+        purchase("P1", "v1", 0, points=10),
+        redemption("R1", "v1", 0, 4),
+        purchase("P2", "v1", 1, points=5),
+        redemption("R2", "v1", 3, 8, offset=r2_offset),
+        purchase("P3", "v1", 4, points=9, offset=10),
+        purchase("P4", "v1", 6, points=2),
+        redemption("R3", "v1", 6, 1, offset=5),
+        purchase("P5", "v2", 2, points=3),
+        purchase("P6", "v2", 3, points=4, offset=7),
+        purchase("g-valid", None, 2, points=100),
+    ]
+
+
+# --- tests ----------------------------------------------------------------------------
+
+
+def test_active_and_redemption_rates():
+    r = run(rates_events(), as_of=10, windows=(3, 10))
+    assert kpi(r, "members") == (3, None, None)  # ann, ben, cat; dan only answered a survey
+    # 3b = [8, 10]: active ann (9), cat (8); ben (5) is not.
+    assert kpi(r, "active_members", "3b") == (2, None, None)
+    assert kpi(r, "active_rate", "3b") == approx((2 / 3, 2, 3))
+    # 10b = [1, 10]: all three.
+    assert kpi(r, "active_rate", "10b") == (1.0, 3, 3)
+    # redeemers: ann (b9) in both windows.
+    assert kpi(r, "redeemers", "3b") == (1, None, None)
+    assert kpi(r, "redemption_rate", "3b") == approx((1 / 3, 1, 3))
+    assert kpi(r, "redemption_participation", "3b") == (0.5, 1, 2)
+    assert kpi(r, "redemption_participation", "10b") == approx((1 / 3, 1, 3))
+    # points in [8, 10]: earned cat 2 (guest's 7 ignored), redeemed ann 4 -> burn 2.0
+    assert kpi(r, "points_earned", "3b") == (2, None, None)
+    assert kpi(r, "points_redeemed", "3b") == (4, None, None)
+    assert kpi(r, "points_burn_rate", "3b") == (2.0, 4, 2)
+    # points in [1, 10]: earned 10 + 3 + 2 = 15, redeemed 4
+    assert kpi(r, "points_burn_rate", "10b") == approx((4 / 15, 4, 15))
+    # without validity: liability = (10 - 4) + 3 + 2 = 11
+    assert kpi(r, "points_liability") == (11, None, None)
+
+
+def test_churn_rate_follows_the_spec_formula():
+    r = run(churn_events(), as_of=10, h=4, windows=(3, 4, 5))
+    # churned: last_touch <= K-h = 6 -> m1 (0), m2 (4), m3 (5), m7 (3)
+    assert kpi(r, "churned_members") == (4, None, None)
+    # w=3: num last_touch in [10-3-4+1, 6] = [4, 6] -> m2, m3 = 2
+    #      den count(last_touch >= 4) = m2 m3 m4 m5 m6 = 5, minus count(enrolled_at >= 8) = m5
+    #      -> 4
+    assert kpi(r, "churn_rate", "3b") == (0.5, 2, 4)
+    assert kpi(r, "retention_rate", "3b") == (0.5, 2, 4)
+    # w=4: num last_touch in [3, 6] -> m2, m3, m7 = 3
+    #      den count(last_touch >= 3) = 6 (all but m1), minus enrolled_at >= 7 (m5, m6) -> 4
+    assert kpi(r, "churn_rate", "4b") == (0.75, 3, 4)
+    assert kpi(r, "retention_rate", "4b") == (0.25, 1, 4)
+    # w=5 > h: no churn windows, but other windowed KPIs exist
+    assert ("churn_rate", "5b", ()) not in r
+    assert ("retention_rate", "5b", ()) not in r
+    assert ("active_rate", "5b", ()) in r
+
+
+def test_repeat_purchase_and_one_and_done_with_settle():
+    events = [
+        purchase("q-p1a", "p1", 2),
+        purchase("q-p1b", "p1", 9),  # last 9, prev 2
+        purchase("q-p2a", "p2", 8),
+        purchase("q-p2b", "p2", 9),  # last 9, prev 8
+        purchase("q-p3", "p3", 6),  # single purchase exactly at K-s: settled
+        purchase("q-p4", "p4", 7),  # single purchase after K-s: not settled yet
+        purchase("q-p5", "p5", 1),  # single purchase, settled
+        enrollment("e-p6", "p6", 0),  # never bought
+        purchase("q-p7a", "p7", 9),
+        purchase("q-p7b", "p7", 9),  # same ts: last 9, prev 9
+        purchase("q-p8a", "p8", 0),
+        purchase("q-p8b", "p8", 3),  # last 3, prev 0
+        purchase("q-p9a", "p9", 9),
+        purchase("q-p9b", "p9", 1),  # last 9, prev 8 (not 1)
+        purchase("q-p9c", "p9", 8),
+    ]
+    r = run(events, as_of=10, s=4, windows=(3,))
+    # 3b = [8, 10]: prev in window: p2 (8), p7 (9), p9 (8) = 3;
+    # last in window: p1, p2, p7, p9 = 4
+    assert kpi(r, "repeat_purchase_rate", "3b") == (0.75, 3, 4)
+    # K-s = 6: first_purchase <= 6 -> p1 (2), p3 (6), p5 (1), p8 (0), p9 (1) = 5; of them
+    # with exactly one purchase: p3, p5 = 2
+    assert kpi(r, "one_and_done_rate") == (0.4, 2, 5)
+
+
+def test_aov_lift_share_and_lifetime_spend():
+    events = [
+        purchase("a-1", "ann", 9, 100.0),
+        purchase("a-2", "ann", 8, 50.0),
+        purchase("a-3", "ann", 2, 1000.0),  # outside [8, 10]
+        enrollment("e-bob", "bob", 0),  # member without purchases
+        purchase("c-1", "cat", 5, 50.0),  # outside [8, 10]
+        purchase("g-1", None, 8, 30.0),
+        purchase("g-2", None, 9, 20.0),
+        purchase("g-3", None, 10, 10.0),
+        purchase("g-4", None, 1, 500.0),  # g-4 outside
+    ]
+    r = run(events, as_of=10, windows=(3,))
+    # members in [8, 10]: 150 over 2 orders; guests: 60 over 3 orders
+    assert kpi(r, "aov_member", "3b") == (75.0, 150.0, 2)
+    assert kpi(r, "aov_guest", "3b") == (20.0, 60.0, 3)
+    assert kpi(r, "member_spend_lift", "3b") == (2.75, 75.0, 20.0)  # 75 / 20 - 1
+    assert kpi(r, "member_revenue_share", "3b") == approx((150 / 210, 150.0, 210.0))
+    # lifetime: ann 1150, cat 50 over 2 buyers (bob has no purchase)
+    assert kpi(r, "avg_lifetime_spend") == (600.0, 1200.0, 2)
+
+
+def test_margin_lift_with_negative_margins():
+    events = [
+        purchase("m-1", "m1", 8, 10.0, margin=10.0),
+        purchase("m-2", "m1", 9, 10.0, margin=-30.0),
+        purchase("m-3", "m2", 9, 10.0),  # no margin: counts for AOV, not margin
+        purchase("m-4", "m1", 1, 10.0, margin=999.0),  # outside [8, 10]
+        purchase("g-m1", None, 8, 10.0, margin=5.0),
+        purchase("g-m2", None, 10, 10.0, margin=15.0),
+    ]
+    r = run(events, as_of=10, windows=(3,))
+    assert kpi(r, "aov_member", "3b") == (10.0, 30.0, 3)
+    assert kpi(r, "avg_margin_member", "3b") == (-10.0, -20.0, 2)  # (10 - 30) / 2
+    assert kpi(r, "avg_margin_guest", "3b") == (10.0, 20.0, 2)  # (5 + 15) / 2
+    assert kpi(r, "margin_lift", "3b") == (-2.0, -10.0, 10.0)  # -10 / 10 - 1
+
+    # negative guest average: -10 / -4 - 1 = 1.5
+    negative_guest = events[:4] + [purchase("g-m3", None, 9, 10.0, margin=-4.0)]
+    r = run(negative_guest, as_of=10, windows=(3,))
+    assert kpi(r, "margin_lift", "3b") == (1.5, -10.0, -4.0)
+
+
+def test_lifts_are_null_without_a_guest_baseline():
+    members_only = [purchase("n-1", "m1", 9, 10.0, margin=4.0)]
+    r = run(members_only, as_of=10, windows=(3,))
+    assert kpi(r, "aov_guest", "3b") == (None, 0.0, 0)
+    assert kpi(r, "member_spend_lift", "3b") == (None, 10.0, None)
+    assert kpi(r, "margin_lift", "3b") == (None, 4.0, None)
+    assert kpi(r, "member_revenue_share", "3b") == (1.0, 10.0, 10.0)
+    # guest margins averaging exactly 0: (5 - 5) / 2 -> lift has a zero denominator
+    zero_guest = members_only + [
+        purchase("g-n1", None, 9, margin=5.0),
+        purchase("g-n2", None, 9, margin=-5.0),
+    ]
+    r = run(zero_guest, as_of=10, windows=(3,))
+    assert kpi(r, "avg_margin_guest", "3b") == (0.0, 0.0, 2)
+    assert kpi(r, "margin_lift", "3b") == (None, 4.0, 0.0)
+
+
+def test_enrollment_implicit_vs_explicit():
+    events = enrollment_events()
+    r = run(events, as_of=10, windows=(3, 6), h=2)
+    assert kpi(r, "members") == (4, None, None)
+    # enrolled_at/channel: e1 8 web, e2 9 app, e3 5 unknown, e4 3 store
+    # 3b = [8, 10]: e1, e2
+    for channel, expected in {"web": 1, "app": 1, "unknown": 0, "store": 0}.items():
+        assert kpi(r, "new_members", "3b", channel=channel) == (expected, None, None)
+    # 6b = [5, 10]: e1, e2, e3
+    for channel, expected in {"web": 1, "app": 1, "unknown": 1, "store": 0}.items():
+        assert kpi(r, "new_members", "6b", channel=channel) == (expected, None, None)
+    # guest orders: [8, 10] has 1, [5, 10] has 3
+    assert kpi(r, "enrollment_rate", "3b") == approx((2 / 3, 2, 3))
+    assert kpi(r, "enrollment_rate", "6b") == (0.5, 3, 6)
+    # growth: members 4 / enrolled_at <= K-w: w=3 -> <= 7: e3, e4; w=6 -> <= 4: e4
+    assert kpi(r, "member_growth_rate", "3b") == (1.0, 4, 2)
+    assert kpi(r, "member_growth_rate", "6b") == (3.0, 4, 1)
+    # h=2: last_touch <= 8 -> e1 (8), e3 (5), e4 (3); e2's late enrollment moved it to 9
+    assert kpi(r, "churned_members") == (3, None, None)
+
+    # Before e2's enrollment arrives, e2 is implicit: enrolled_at 2, "unknown", last_touch 2.
+    before = [e for e in events if e["event_id"] != "e-e2"]
+    r = run(before, as_of=10, windows=(3, 6), h=2)
+    assert ("new_members", "3b", (("channel", "app"),)) not in r
+    assert kpi(r, "new_members", "3b", channel="unknown") == (0, None, None)
+    assert kpi(r, "new_members", "6b", channel="unknown") == (1, None, None)  # e3 only
+    assert kpi(r, "churned_members") == (4, None, None)
+
+
+def test_tier_comes_from_the_latest_tier_carrying_event():
+    events = [
+        enrollment("e-t1", "t1", 0, tier="silver"),
+        purchase("p-t1a", "t1", 5, tier="gold"),
+        purchase("p-t1b", "t1", 7),  # no tier: keeps gold
+        purchase("p-t2", "t2", 4, tier="gold"),
+        enrollment("e-t2", "t2", 6, tier="platinum"),  # later ts: an enrollment can win
+        enrollment("e-t3", "t3", 1),  # never a tier
+        purchase("p-t4b", "t4", 3, tier="gold"),  # same ts as p-t4a: larger event_id wins
+        purchase("p-t4a", "t4", 3, tier="silver"),
+        purchase("p-t6a", "t6", 3, tier="silver"),  # same again, other arrival order
+        purchase("p-t6b", "t6", 3, tier="gold"),
+        purchase("p-t5", "t5", 9, tier="gold"),
+        enrollment("e-t5", "t5", 1, tier="bronze"),  # arrives late but is older: loses
+        purchase("g-t", None, 9, tier="diamond"),  # guests have no tier
+    ]
+    r = run(events, as_of=10)
+    tiers = {labels: value for (name, _, labels), value in r.items() if name == "tier_members"}
+    assert tiers == {
+        (("tier", "gold"),): (4, None, None),  # t1, t4, t5, t6
+        (("tier", "platinum"),): (1, None, None),  # t2
+        (("tier", "unknown"),): (1, None, None),  # t3
+    }
+
+
+def test_surveys_nps_csat_member_and_guest():
+    events = [
+        survey("s1", "m1", 8, nps=10, csat=5),
+        survey("s2", "m2", 9, nps=8, csat=3),
+        survey("s3", "m3", 10, nps=9),
+        survey("s4", None, 9, nps=3, csat=4),
+        survey("s5", None, 9, csat=1),
+        survey("s6", None, 8, nps=7),
+        survey("s8", "m4", 9, nps=10),
+        survey("s9", None, 10, nps=6),  # 6 is still a detractor
+        survey("s7", "m1", 2, nps=0, csat=1),  # outside [8, 10]
+    ]
+    r = run(events, as_of=10, windows=(3, 10))
+    # surveys create no members
+    assert kpi(r, "members") == (0, None, None)
+    assert kpi(r, "survey_responses", "3b") == (8, None, None)
+    # 3b nps scores 10, 8, 9, 3, 7, 10, 6: promoters 3 (10, 9, 10), detractors 2 (3, 6)
+    assert kpi(r, "nps", "3b") == approx((100 / 7, 1, 7))
+    assert kpi(r, "nps_member", "3b") == (75.0, 3, 4)  # 10, 8, 9, 10
+    assert kpi(r, "nps_guest", "3b") == approx((-200 / 3, -2, 3))  # 3, 7, 6
+    assert kpi(r, "csat", "3b") == (0.5, 2, 4)  # 5, 3, 4, 1
+    # 10b adds s7 (nps 0 = detractor, csat 1)
+    assert kpi(r, "survey_responses", "10b") == (9, None, None)
+    assert kpi(r, "nps", "10b") == (0.0, 0, 8)
+    assert kpi(r, "nps_member", "10b") == (40.0, 2, 5)
+    assert kpi(r, "csat", "10b") == (0.4, 2, 5)
+
+
+LEXICONS = {
+    "friction": ["slow", "lento", "frustrante", "بطيء", "too expensive"],
+    "motivation": ["reward", "straße", "points"],
+}
+
+
+def test_feedback_mentions_whole_word_case_insensitive_unicode():
+    comments = [
+        "Checkout was SLOW today",  # slow
+        "Atendimento Lento.",  # lento
+        "it loaded slowly",  # nothing: slowly is not slow
+        "slow, slow, slow",  # slow, once per comment
+        "التطبيق بطيء جدا",  # بطيء
+        "Way TOO expensive!",  # too expensive
+        "rewards are nice",  # nothing: rewards is not reward
+        "slow-ish checkout",  # slow: "-" is not a word character
+        "STRASSE closed",  # straße: casefold("straße") == "strasse"
+        "lentos e frustrantes",  # nothing
+        "slow_ish",  # nothing: "_" is a word character
+        "وبطيء",  # nothing: the attached prefix makes it another word
+        "reward!",  # reward
+        None,
+    ]
+    events = [
+        survey(f"c{i}", None if i % 2 else f"m{i}", 9, csat=3, comment=c) for i, c in enumerate(comments)
+    ]
+    events.append(survey("c-old", "m0", 2, csat=3, comment="slow"))  # outside [8, 10]
+    r = run(events, as_of=10, windows=(3, 10), lexicons=LEXICONS)
+    expected_3b = {
+        ("friction", "slow"): 3,
+        ("friction", "lento"): 1,
+        ("friction", "frustrante"): 0,
+        ("friction", "بطيء"): 1,
+        ("friction", "too expensive"): 1,
+        ("motivation", "reward"): 1,
+        ("motivation", "straße"): 1,
+        ("motivation", "points"): 0,
+    }
+    for (lexicon, term), count in expected_3b.items():
+        assert kpi(r, "feedback_mentions", "3b", lexicon=lexicon, term=term) == (count, None, None)
+    assert kpi(r, "feedback_mentions", "10b", lexicon="friction", term="slow") == (4, None, None)
+
+
+@pytest.mark.parametrize(
+    ("comment", "term", "expected"),
+    [
+        ("Lento", "lento", True),
+        ("muito lento!", "Lento", True),
+        ("slowly", "slow", False),
+        ("بطيء", "بطيء", True),
+        ("too  expensive", "too expensive", False),  # the term's spacing must match
+        ("", "slow", False),
+        (None, "slow", False),
+    ],
+)
+def test_mentions_directly(comment, term, expected):
+    assert mentions(comment, term) is expected
+
+
+def test_points_validity_unbacked_and_bucket_edge_expiry():
+    # Event-time replay of v1 with V = 3 buckets:
+    #   P1 +10 (ts 0). R1 -4 at ts 0 (purchases first at equal ts): P1 -> 6.
+    #   P2 +5. R2 -8 at at(3): P1 expires at(3) exactly, so it is NOT usable (r < t+V fails);
+    #     P2 gives 5 -> 0, 3 unbacked.
+    #   P3 +9, P4 +2. R3 -1 at at(6)+5: P3 and P4 usable, oldest P3 -> 8.
+    # Lots (expiry bucket, remaining/points): P1 (3, 6/10), P2 (4, 0/5), P3 (7, 8/9),
+    # P4 (9, 2/2), v2's P5 (5, 3/3) and P6 (6, 4/4). The guest's 100 points belong to nobody.
+    r = run(validity_events(), as_of=6, windows=(2, 4), validity=3 * B)
+    # expiry > 6: P3 8 + P4 2 = 10, minus 3 unbacked (P6 expires in bucket K: not liability)
+    assert kpi(r, "points_liability") == (7, None, None)
+    assert kpi(r, "expired_points", "2b") == (7, None, None)  # [5, 6]: P5 3 + P6 4
+    # [3, 6]: P1 6 + P2 0 + P5 3 + P6 4
+    assert kpi(r, "expired_points", "4b") == (13, None, None)
+    # [7, 8]: P3 8 (unbacked points are not netted against later lots: not 8 - 3)
+    assert kpi(r, "points_expiring", "2b") == (8, None, None)
+    assert kpi(r, "points_expiring", "4b") == (10, None, None)  # [7, 10]: P3 8 + P4 2
+    # expiry <= 6: (6 + 0 + 3 + 4) / (10 + 5 + 3 + 4)
+    assert kpi(r, "breakage_rate") == approx((13 / 22, 13, 22))
+
+
+def test_points_validity_redemption_one_ms_before_expiry():
+    # R2 at at(3)-1: P1 (6 left) still usable, oldest first: P1 -> 0, P2 5 -> 3, nothing
+    # unbacked. R3 as before: P3 -> 8.
+    r = run(validity_events(r2_offset=-1), as_of=6, windows=(2, 4), validity=3 * B)
+    assert kpi(r, "points_liability") == (10, None, None)  # P3 8 + P4 2 - 0
+    assert kpi(r, "expired_points", "4b") == (10, None, None)  # P1 0 + P2 3 + P5 3 + P6 4
+    assert kpi(r, "breakage_rate") == approx((10 / 22, 10, 22))
+
+
+def test_points_without_validity():
+    r = run(validity_events(), as_of=6, windows=(2,))
+    # earned 10 + 5 + 9 + 2 + 3 + 4 = 33, redeemed 4 + 8 + 1 = 13
+    assert kpi(r, "points_liability") == (20, None, None)
+    assert kpi(r, "expired_points", "2b") == (0, None, None)
+    assert kpi(r, "points_expiring", "2b") == (0, None, None)
+    assert kpi(r, "breakage_rate") == (None, 0, 0)
+
+
+def test_timestamps_after_as_of_count_as_as_of():
+    events = [enrollment("e-zoe", "zoe", 12, "web"), purchase("p-zoe", "zoe", 15, points=5)]
+    r = run(events, as_of=10, windows=(1,), h=4)
+    # both clamp to bucket 10 = the 1-bucket window [10, 10]
+    assert kpi(r, "active_members", "1b") == (1, None, None)
+    assert kpi(r, "new_members", "1b", channel="web") == (1, None, None)
+    assert kpi(r, "points_earned", "1b") == (5, None, None)
+    assert kpi(r, "churned_members") == (0, None, None)
+    assert kpi(r, "member_growth_rate", "1b") == (None, 1, 0)  # nobody enrolled by bucket 9
+
+
+def test_arrival_order_does_not_matter():
+    events = rates_events() + churn_events() + enrollment_events() + validity_events()
+    params = {"as_of": 10, "windows": (3, 6), "h": 4, "validity": 3 * B, "lexicons": LEXICONS}
+    expected = run(events, **params)
+    assert run(list(reversed(events)), **params) == expected
+    rng = random.Random(7)
+    for _ in range(5):
+        shuffled = events[:]
+        rng.shuffle(shuffled)
+        assert run(shuffled, **params) == expected
+
+
+def test_duplicates_are_ignored_first_arrival_wins():
+    events = [
+        purchase("x1", "ann", 9, 10.0, points=5),
+        purchase("x1", "ann", 9, 999.0, points=500),  # redelivery: ignored
+        redemption("x2", "ann", 9, 2),
+        redemption("x2", "ann", 9, 2),
+        purchase("x1", None, 9, 30.0),  # same event_id, guest: a different event
+        purchase("x1", None, 9, 70.0),  # guest redelivery: ignored
+        enrollment("x1", "ann", 8, "web"),  # same event_id, other type: a different event
+        survey("x3", None, 9, nps=10),
+        survey("x3", None, 9, nps=0),
+    ]
+    r = run(events, as_of=10, windows=(3,))
+    assert kpi(r, "members") == (1, None, None)
+    assert kpi(r, "aov_member", "3b") == (10.0, 10.0, 1)
+    assert kpi(r, "aov_guest", "3b") == (30.0, 30.0, 1)
+    assert kpi(r, "points_earned", "3b") == (5, None, None)
+    assert kpi(r, "points_redeemed", "3b") == (2, None, None)
+    assert kpi(r, "new_members", "3b", channel="web") == (1, None, None)
+    assert kpi(r, "survey_responses", "3b") == (1, None, None)
+    assert kpi(r, "nps", "3b") == (100.0, 1, 1)
+
+
+RATIO_KPIS = {
+    "active_rate",
+    "redemption_rate",
+    "redemption_participation",
+    "points_burn_rate",
+    "churn_rate",
+    "retention_rate",
+    "repeat_purchase_rate",
+    "one_and_done_rate",
+    "aov_member",
+    "aov_guest",
+    "member_spend_lift",
+    "member_revenue_share",
+    "avg_lifetime_spend",
+    "member_growth_rate",
+    "enrollment_rate",
+    "avg_margin_member",
+    "avg_margin_guest",
+    "margin_lift",
+    "nps",
+    "nps_member",
+    "nps_guest",
+    "csat",
+    "breakage_rate",
+}
+COUNT_KPIS = {
+    "members",
+    "active_members",
+    "redeemers",
+    "points_earned",
+    "points_redeemed",
+    "churned_members",
+    "points_liability",
+    "expired_points",
+    "points_expiring",
+    "survey_responses",
+}
+LABELLED_KPIS = {"new_members", "tier_members", "feedback_mentions"}
+NON_WINDOWED = {
+    "members",
+    "churned_members",
+    "one_and_done_rate",
+    "points_liability",
+    "avg_lifetime_spend",
+    "breakage_rate",
+    "tier_members",
+}
+CHURN_WINDOWED = {"churn_rate", "retention_rate"}
+
+
+def test_zero_denominators_are_null():
+    r = run([], as_of=10, windows=(3,), validity=3 * B)
+    assert {name for name, _, _ in r} == RATIO_KPIS | COUNT_KPIS
+    for (name, _, _), (value, numerator, denominator) in r.items():
+        if name in RATIO_KPIS:
+            assert value is None, name
+            assert denominator in (0, None), name
+        else:
+            assert value == 0, name
+            assert numerator is None and denominator is None, name
+    assert kpi(r, "member_spend_lift", "3b") == (None, None, None)
+    assert kpi(r, "churn_rate", "3b") == (None, 0, 0)
+
+
+def test_every_kpi_for_every_window_with_labels():
+    events = rates_events() + [survey("s-kpi", None, 9, nps=9, comment="slow")]
+    r = run(
+        events, as_of=10, windows=(3, 24), h=3, lexicons={"friction": ["slow"]}, labels={3: "3h", 24: "1d"}
+    )
+    all_kpis = RATIO_KPIS | COUNT_KPIS | LABELLED_KPIS
+    expected = {(name, None) for name in NON_WINDOWED}
+    expected |= {(name, "3h") for name in all_kpis - NON_WINDOWED}
+    expected |= {(name, "1d") for name in all_kpis - NON_WINDOWED - CHURN_WINDOWED}
+    assert {(name, window) for name, window, _ in r} == expected
+    assert not any(isinstance(v, float) and math.isnan(v) for value in r.values() for v in value)
+    # channels of the known members: ann web, ben store, cat unknown
+    assert {labels for name, window, labels in r if name == "new_members" and window == "1d"} == {
+        (("channel", "web"),),
+        (("channel", "store"),),
+        (("channel", "unknown"),),
+    }
