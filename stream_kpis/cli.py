@@ -213,6 +213,106 @@ def alerts_render(targets: Path, output: Path | None) -> None:
         click.echo(f"wrote {output}", err=True)
 
 
+def _settings(config_path: Path | None, **overrides: Any):
+    return load_settings(config_path, **{k: v for k, v in overrides.items() if v is not None})
+
+
+_config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                              envvar="STREAM_KPIS_CONFIG", help="TOML settings file.")
+
+
+@cli.command()
+@_config_option
+@click.option("--loglevel", "-l", default="info", show_default=True)
+def worker(config_path: Path | None, loglevel: str) -> None:
+    """Run a worker (one member of the consumer group; start more to scale out)."""
+    import os
+
+    if config_path is not None:
+        os.environ["STREAM_KPIS_CONFIG"] = str(config_path)
+    settings = load_settings(config_path)
+    from .kafka_tools import check_copartitioning
+
+    check_copartitioning(settings)
+    from faust import Worker
+
+    from .app import app
+
+    Worker(app, loglevel=loglevel).execute_from_commandline()
+
+
+@cli.group()
+def topics() -> None:
+    """Kafka topics of stream-kpis."""
+
+
+@topics.command("create")
+@_config_option
+@click.option("--partitions", type=int, default=None, help="Partitions of the input topics.")
+@click.option("--replication", type=int, default=1, show_default=True)
+def topics_create(config_path: Path | None, partitions: int | None, replication: int) -> None:
+    """Create the input, DLQ, signal and KPI topics (existing topics are kept)."""
+    from .kafka_tools import create_topics
+
+    settings = _settings(config_path, partitions=partitions)
+    created = create_topics(settings, replication)
+    click.echo(f"created {len(created)} topic(s){': ' + ', '.join(created) if created else ''}")
+
+
+@cli.command()
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@_config_option
+@click.option("--rate", type=float, default=0, help="Events per second (0: as fast as possible).")
+def produce(files: tuple[Path, ...], config_path: Path | None, rate: float) -> None:
+    """Send JSONL or CSV files (or the config's [[replay.sources]]) to the input topics."""
+    from .kafka_tools import produce_sources
+    from .replay import load_sources, source_for_path
+
+    settings = load_settings(config_path)
+    sources = [source_for_path(path) for path in files]
+    if config_path is not None:
+        sources += load_sources(config_path)
+    if not sources:
+        raise click.UsageError("name at least one FILE, or a --config with [[replay.sources]]")
+    sent = produce_sources(sources, settings, rate)
+    click.echo(f"produced {sent} events", err=True)
+
+
+@cli.command()
+@_config_option
+@click.option("--signals/--no-signals", default=True, help="Include member signals.")
+@click.option("--from-beginning", is_flag=True)
+@click.option("--timeout", type=float, default=None, help="Stop after this many idle seconds.")
+def tail(config_path: Path | None, signals: bool, from_beginning: bool, timeout: float | None) -> None:
+    """Print KPI records and member signals as they are published."""
+    from .kafka_tools import tail as tail_topics
+
+    settings = load_settings(config_path)
+    names = list(settings.topics.kpi_topics().values())
+    if signals:
+        names.append(settings.topics.signals)
+    for _topic, record in tail_topics(settings, names, from_beginning, timeout):
+        if "kpi" in record:
+            labels = _labels_text(record)
+            click.echo(f"{record['as_of']}  {record['kpi']:<26} {record['window'] or '':>4} "
+                       f"{labels:<32} {_format_value(record['value'])}")
+        else:
+            click.echo(f"{record.get('as_of')}  signal {record.get('signal'):<16} "
+                       f"last_touch={record.get('last_touch')}")
+
+
+@cli.command()
+@click.option("--members", type=int, default=3000, show_default=True)
+@click.option("--days", type=int, default=120, show_default=True)
+@click.option("--rate", type=float, default=3000, show_default=True, help="Events per second.")
+@click.option("--keep-services", is_flag=True, help="Leave Kafka and Redis running at the end.")
+def demo(members: int, days: int, rate: float, keep_services: bool) -> None:
+    """The live demo: local Kafka + Redis, a worker, a generated stream, KPIs updating live."""
+    from .demo import run_demo
+
+    run_demo(members=members, days=days, rate=rate, keep_services=keep_services)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors print one clear line and exit 2."""
     try:

@@ -11,13 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+import orjson
+
 from .events import PURCHASE, REDEMPTION, SURVEY, Event
 from .kpis import LAST_TOUCH, Aggregates, MentionMatcher, churn_snapshot, evaluate, member_view
 from .settings import Settings
 from .state import ACTIVE, AT_RISK, CHURNED, MemberState
 from .timebase import format_rfc3339
 
-__all__ = ["Processor", "Signal", "evaluate_kpis", "member_status", "APPLIED", "DUPLICATE", "REDELIVERED"]
+__all__ = ["Processor", "PartitionStore", "Signal", "evaluate_kpis", "member_status",
+           "APPLIED", "DUPLICATE", "REDELIVERED"]
 
 Signal = dict[str, Any]
 _REACTIVATED = "reactivated"
@@ -56,6 +59,7 @@ class Processor:
         self.expiry_index: dict[int, set[str]] = {}
         self.applied = 0
         self.duplicates = 0
+        self.version = 0  # bumped by every event processed: "did anything change since?"
 
     # ---- applying events -------------------------------------------------------------------
     def process(self, event: Event, token: tuple[str, int] | None = None) -> str:
@@ -70,6 +74,7 @@ class Processor:
             self.max_ts = ts
             if self.settings.clock == "event" and (self.K is None or ts // self.bucket_ms > self.K):
                 self.advance(ts // self.bucket_ms)
+        self.version += 1
         tag = None if token is None else f"{token[0]}:{token[1]}"
         if event.member_id is None or event.type == SURVEY:
             outcome = self._seen_without_member(event, tag)
@@ -325,3 +330,53 @@ def member_status(state: MemberState, K: int, settings: Settings) -> dict[str, A
             status["next_expiry_points"] = sum(r for e, r in upcoming if e == first)
             status["next_expiry_at"] = format_rfc3339(first * settings.bucket_ms)
     return status
+
+
+class PartitionStore:
+    """Persistence of one Processor's state as table records (used by the live worker).
+
+    Three record kinds, all plain bytes: member states (``MemberState.to_bytes``), bucket records
+    (event sums of one bucket with the input offsets they include) and de-duplication entries for
+    events without member state. Everything else (histograms, indexes) is derived from them when
+    a partition is (re)assigned, so the changelog topics are the only state that moves.
+    """
+
+    @staticmethod
+    def bucket_record(processor: Processor, bucket: int) -> bytes:
+        aggs = processor.aggs
+        sums = {name: hist[bucket] for name, hist in aggs.sums.items()
+                if bucket in hist and not name.startswith("lot_")}
+        mentions = {key: hist[bucket] for key, hist in aggs.mentions.items() if bucket in hist}
+        return orjson.dumps({"sums": sums, "mentions": mentions,
+                             "offsets": processor.bucket_offsets.get(bucket, {})})
+
+    @staticmethod
+    def load_bucket(processor: Processor, bucket: int, data: bytes) -> None:
+        record = orjson.loads(data)
+        aggs = processor.aggs
+        for name, value in record["sums"].items():
+            aggs.add(name, bucket, value)
+        for key, value in record["mentions"].items():
+            aggs.mentions.setdefault(key, {})[bucket] = value
+        processor.bucket_offsets[bucket] = record["offsets"]
+
+    @staticmethod
+    def load_member(processor: Processor, member_id: str, state: MemberState) -> None:
+        """Add a stored member to the aggregates and indexes (no signals, no table write)."""
+        view = member_view(state, processor.bucket_ms)
+        aggs = processor.aggs
+        aggs.move_member(None, view)
+        totals = aggs.totals
+        totals["lifetime_spend"] += state.lifetime_spend
+        totals["points_balance"] += state.points_earned - state.points_redeemed
+        totals["purchasers"] += state.purchase_count > 0
+        if processor.validity_ms is not None and state.lots:
+            contributions = state.lot_contributions(processor.validity_ms, processor.bucket_ms)
+            aggs.add_lots(contributions, 1)
+            for expiry, _, _ in contributions:
+                processor.expiry_index.setdefault(expiry, set()).add(member_id)
+        totals["unbacked"] += state.unbacked
+        processor.touch_index.setdefault(view[LAST_TOUCH], set()).add(member_id)
+        if state.last_activity is not None and (processor.max_ts is None
+                                                or state.last_activity > processor.max_ts):
+            processor.max_ts = state.last_activity

@@ -1,0 +1,185 @@
+"""Kafka plumbing for the CLI: create topics, produce files, tail output topics (kafka-python).
+
+Kept out of the core: nothing here computes a KPI.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import orjson
+
+from .exceptions import ConfigError, StreamKpisError
+from .replay import Source, _csv_rows
+from .settings import Settings
+
+__all__ = ["bootstrap_servers", "client_config", "create_topics", "check_copartitioning",
+           "produce_sources", "tail", "event_key"]
+
+
+def bootstrap_servers(settings: Settings) -> str:
+    """``kafka://host:port;host2:port`` (Faust style) to kafka-python's ``host:port,host2:port``."""
+    return ",".join(part.split("://", 1)[-1] for part in settings.broker.replace(";", ",").split(","))
+
+
+def client_config(settings: Settings) -> dict[str, Any]:
+    """kafka-python security settings from ours."""
+    config: dict[str, Any] = {"bootstrap_servers": bootstrap_servers(settings),
+                              "security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_sasl_mechanism:
+        config.update(sasl_mechanism=settings.kafka_sasl_mechanism,
+                      sasl_plain_username=settings.kafka_username,
+                      sasl_plain_password=settings.kafka_password)
+    if settings.kafka_ssl_cafile:
+        config["ssl_cafile"] = settings.kafka_ssl_cafile
+    return config
+
+
+def _admin(settings: Settings):
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        return KafkaAdminClient(client_id="stream-kpis-admin", request_timeout_ms=15_000,
+                                **client_config(settings))
+    except KafkaError:
+        raise StreamKpisError(f"no Kafka broker at {bootstrap_servers(settings)}: start one "
+                              "(deploy/local/up kafka) or set STREAM_KPIS_BROKER") from None
+
+
+def create_topics(settings: Settings, replication: int = 1) -> list[str]:
+    """Create the input, DLQ, signal, KPI and partials topics (existing ones are left alone)."""
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    topics = settings.topics
+    partitioned = [*topics.inputs().values(), topics.dlq, topics.signals]
+    wanted = [NewTopic(name, settings.partitions, replication) for name in partitioned]
+    wanted += [NewTopic(name, 1, replication) for name in topics.kpi_topics().values()]
+    wanted.append(NewTopic(f"{settings.app_id}-partials", 1, replication,
+                           topic_configs={"cleanup.policy": "compact"}))
+    admin = _admin(settings)
+    created = []
+    try:
+        existing = set(admin.list_topics())
+        for topic in wanted:
+            if topic.name in existing:
+                continue
+            try:
+                admin.create_topics([topic])
+                created.append(topic.name)
+            except TopicAlreadyExistsError:
+                pass
+        check_copartitioning(settings, admin)
+    finally:
+        admin.close()
+    return created
+
+
+def check_copartitioning(settings: Settings, admin: Any = None) -> dict[str, int]:
+    """Partition counts of the input topics; ConfigError unless they are all equal."""
+    own = admin is None
+    admin = admin or _admin(settings)
+    try:
+        names = list(settings.topics.inputs().values())
+        counts = {}
+        for description in admin.describe_topics(names):
+            if description.get("error_code", 0) == 0:
+                name = description.get("name") or description.get("topic")
+                counts[name] = len(description["partitions"])
+    finally:
+        if own:
+            admin.close()
+    if len(set(counts.values())) > 1:
+        raise ConfigError(
+            f"input topics are not co-partitioned: {counts}. All input topics need the same "
+            "partition count (a member's events must meet in one partition); recreate or "
+            "add partitions with kafka-topics.sh --alter so that the counts match")
+    return counts
+
+
+def event_key(obj: Any) -> bytes | None:
+    """The key an event must carry: member_id, or event_id for guest events."""
+    if not isinstance(obj, dict):
+        return None
+    key = obj.get("member_id") or obj.get("event_id")
+    return key.encode() if isinstance(key, str) else None
+
+
+def _file_messages(source: Source, settings: Settings) -> Iterator[tuple[str, bytes | None, bytes]]:
+    topics = settings.topics.inputs()
+    fallback = settings.topics.purchases  # unreadable lines still reach a worker, and its DLQ
+    if source.format == "jsonl":
+        with open(source.path, "rb") as handle:
+            for line in handle:
+                line = line.rstrip(b"\r\n")
+                if not line.strip():
+                    continue
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    yield fallback, None, line
+                    continue
+                kind = source.type or (obj.get("type") if isinstance(obj, dict) else None)
+                yield topics.get(kind, fallback), event_key(obj), line
+    else:
+        with open(source.path, encoding=source.encoding, newline="") as handle:
+            for _, obj, raw in _csv_rows(source, handle):
+                if "__error__" in obj:
+                    yield topics.get(source.type, fallback), None, raw
+                    continue
+                kind = source.type or obj.get("type")
+                yield topics.get(kind, fallback), event_key(obj), orjson.dumps(obj)
+
+
+def produce_sources(sources: Iterable[Source], settings: Settings, rate: float = 0,
+                    on_progress: Callable[[int], None] | None = None,
+                    should_stop: Callable[[], bool] = lambda: False) -> int:
+    """Send every line of the sources to its input topic, keyed by member_id; returns the count.
+
+    ``rate`` > 0 paces the sending at that many events per second.
+    """
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(linger_ms=20, batch_size=262_144, acks="all",
+                             max_in_flight_requests_per_connection=1, **client_config(settings))
+    sent = 0
+    started = time.monotonic()
+    try:
+        for source in sources:
+            for topic, key, value in _file_messages(source, settings):
+                if should_stop():
+                    return sent
+                producer.send(topic, key=key, value=value)
+                sent += 1
+                if rate and sent % 100 == 0:
+                    ahead = sent / rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+                if on_progress is not None and sent % 1000 == 0:
+                    on_progress(sent)
+        producer.flush()
+    finally:
+        producer.close()
+    return sent
+
+
+def tail(settings: Settings, topics: list[str], from_beginning: bool = False,
+         timeout_s: float | None = None) -> Iterator[tuple[str, dict]]:
+    """(topic, record) from output topics as they arrive."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(*topics, auto_offset_reset="earliest" if from_beginning else "latest",
+                             enable_auto_commit=False, group_id=None,
+                             consumer_timeout_ms=int(timeout_s * 1000) if timeout_s else float("inf"),
+                             **client_config(settings))
+    try:
+        for message in consumer:
+            try:
+                yield message.topic, orjson.loads(message.value)
+            except orjson.JSONDecodeError:
+                continue
+    finally:
+        consumer.close()
