@@ -211,6 +211,7 @@ class Pipeline:
         self.agents = (ingest, combine, tick, metrics_page)
 
     async def _on_revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
+        self.metrics.assigned_partitions.set(0)
         for tp in revoked:
             if tp.topic in self.topic_types:
                 self.processors.pop(tp.partition, None)
@@ -220,6 +221,8 @@ class Pipeline:
 
     async def _on_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:
         owned = self.app.assignor.assigned_actives()
+        self.metrics.assigned_partitions.set(
+            len({tp.partition for tp in owned if tp.topic in self.topic_types}))
         self._set_exporting(any(tp.topic == self.partials_topic.get_topic_name() for tp in owned))
 
     def _set_exporting(self, exporting: bool) -> None:

@@ -50,7 +50,7 @@ def _admin(settings: Settings):
 
 
 def create_topics(settings: Settings, replication: int = 1) -> list[str]:
-    """Create the input, DLQ, signal, KPI and partials topics (existing ones are left alone)."""
+    """Create the input, DLQ, signal, KPI, partials and changelog topics (existing ones are kept)."""
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
@@ -58,8 +58,13 @@ def create_topics(settings: Settings, replication: int = 1) -> list[str]:
     partitioned = [*topics.inputs().values(), topics.dlq, topics.signals]
     wanted = [NewTopic(name, settings.partitions, replication) for name in partitioned]
     wanted += [NewTopic(name, 1, replication) for name in topics.kpi_topics().values()]
-    wanted.append(NewTopic(f"{settings.app_id}-partials", 1, replication,
-                           topic_configs={"cleanup.policy": "compact"}))
+    compact = {"cleanup.policy": "compact"}
+    wanted.append(NewTopic(f"{settings.app_id}-partials", 1, replication, topic_configs=compact))
+    # the worker's table changelogs, created up front so that workers starting together agree
+    for table, partitions in (("members", settings.partitions), ("buckets", settings.partitions),
+                              ("seen", settings.partitions), ("partials", 1)):
+        wanted.append(NewTopic(f"{settings.app_id}-{table}-changelog", partitions, replication,
+                               topic_configs=compact))
     admin = _admin(settings)
     created = []
     try:

@@ -141,6 +141,9 @@ class WorkerMetrics:
             ["topic"], registry=registry)
         self.table_rows = Gauge(
             "stream_kpis_table_rows", "Rows in a worker table.", ["table"], registry=registry)
+        self.assigned_partitions = Gauge(
+            "stream_kpis_assigned_partitions",
+            "Input partitions this worker owns (per input topic).", registry=registry)
         self.kpi_emissions = Counter(
             "stream_kpis_kpi_emissions", "KPI evaluations published.", registry=registry)
         self.last_emit_timestamp = Gauge(
