@@ -191,6 +191,14 @@ def generate(members: int, days: int, seed: int, start: str | None, output: Path
     click.echo(f"generated {summary}", err=True)
 
 
+def _settings(config_path: Path | None, **overrides: Any):
+    return load_settings(config_path, **{k: v for k, v in overrides.items() if v is not None})
+
+
+_config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                              envvar="STREAM_KPIS_CONFIG", help="TOML settings file.")
+
+
 @cli.group()
 def alerts() -> None:
     """KPI targets -> Prometheus alerting rules."""
@@ -201,24 +209,21 @@ def alerts() -> None:
               default=Path("deploy/targets.toml"), show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Rule file to write (default stdout).")
-def alerts_render(targets: Path, output: Path | None) -> None:
-    """Render Prometheus alerting rules from a targets TOML file."""
+@_config_option
+def alerts_render(targets: Path, output: Path | None, config_path: Path | None) -> None:
+    """Render Prometheus alerting rules from a targets TOML file.
+
+    With --config, a target on a window the workers do not compute is an error.
+    """
     from .alerts import render_to_yaml
 
-    text = render_to_yaml(targets)
+    windows = load_settings(config_path).windows_ms if config_path is not None else None
+    text = render_to_yaml(targets, known_windows=windows)
     if output is None:
         click.echo(text, nl=False)
     else:
         output.write_text(text, encoding="utf-8")
         click.echo(f"wrote {output}", err=True)
-
-
-def _settings(config_path: Path | None, **overrides: Any):
-    return load_settings(config_path, **{k: v for k, v in overrides.items() if v is not None})
-
-
-_config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-                              envvar="STREAM_KPIS_CONFIG", help="TOML settings file.")
 
 
 @cli.command()
@@ -306,11 +311,34 @@ def tail(config_path: Path | None, signals: bool, from_beginning: bool, timeout:
 @click.option("--days", type=int, default=120, show_default=True)
 @click.option("--rate", type=float, default=3000, show_default=True, help="Events per second.")
 @click.option("--keep-services", is_flag=True, help="Leave Kafka and Redis running at the end.")
-def demo(members: int, days: int, rate: float, keep_services: bool) -> None:
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
+def demo(members: int, days: int, rate: float, keep_services: bool, duration: float | None) -> None:
     """The live demo: local Kafka + Redis, a worker, a generated stream, KPIs updating live."""
     from .demo import run_demo
 
-    run_demo(members=members, days=days, rate=rate, keep_services=keep_services)
+    run_demo(members=members, days=days, rate=rate, keep_services=keep_services, duration=duration)
+
+
+@cli.group()
+def dashboard() -> None:
+    """Grafana dashboard generated from the KPI targets."""
+
+
+@dashboard.command("render")
+@click.option("--targets", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("deploy/targets.toml"), show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Dashboard JSON to write (default stdout).")
+def dashboard_render(targets: Path, output: Path | None) -> None:
+    """Render the Grafana dashboard JSON with the targets drawn as thresholds."""
+    from .dashboard import render_dashboard_json
+
+    text = render_dashboard_json(targets)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,44 @@
+# stream-kpis: the two commands of the README, and a few more.
+#   make demo   set everything up, start a local Kafka broker and Redis, run the live demo
+#   make test   set everything up and run the whole test suite (what .ci/run runs)
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: setup deps demo test test-unit bench services-up services-down lint clean
+
+setup: deps $(VENV)/.installed
+
+# apt packages (redis-server, prometheus, alertmanager; as root) and the Kafka jars (Maven)
+deps:
+	deploy/local/install-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/stream-kpis demo
+
+test: setup
+	$(BIN)/python -m pytest -p no:cacheprovider --timeout=900
+
+test-unit: $(VENV)/.installed
+	$(BIN)/python -m pytest -p no:cacheprovider tests/unit tests/property
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+services-up:
+	deploy/local/up
+
+services-down:
+	deploy/local/down
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check stream_kpis tests benchmarks
+
+clean:
+	rm -rf .local $(VENV) build *.egg-info

@@ -1,0 +1,374 @@
+"""The Grafana dashboard of stream-kpis, generated from the KPI targets.
+
+The dashboard (``deploy/grafana/dashboards/stream-kpis.json``) is rendered here rather than
+drawn by hand so that the goals in ``deploy/targets.toml`` and the threshold lines on the
+panels cannot drift apart. It has one row per CRM theme (members, redemption and points,
+churn, spend, satisfaction) and an operations row for the people who run the workers.
+
+Every query is plain PromQL without Grafana variables, so :func:`dashboard_queries` can hand
+them to a real Prometheus in an integration test.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stream_kpis.alerts import (
+    JOB,
+    Target,
+    TargetsConfig,
+    goal_text,
+    kpi_selector,
+    load_targets,
+)
+
+__all__ = [
+    "DASHBOARD_UID",
+    "DATASOURCE_UID",
+    "dashboard_queries",
+    "render_dashboard",
+    "render_dashboard_json",
+]
+
+DASHBOARD_UID = "stream-kpis"
+#: uid of the provisioned Prometheus datasource (deploy/grafana/provisioning/datasources).
+DATASOURCE_UID = "stream-kpis-prometheus"
+DATASOURCE = {"type": "prometheus", "uid": DATASOURCE_UID}
+#: Window of the by-channel / by-term / member-vs-guest breakdowns.
+BREAKDOWN_WINDOW = "30d"
+RATE = "5m"
+_SEVERITY_COLORS = {"critical": "red", "warning": "orange", "info": "blue"}
+_SEVERITY_ORDER = ("info", "warning", "critical")
+_HOLDS = {
+    ">=": lambda x, v: x >= v,
+    ">": lambda x, v: x > v,
+    "<=": lambda x, v: x <= v,
+    "<": lambda x, v: x < v,
+}
+_PANEL_WIDTH, _PANEL_HEIGHT, _PER_ROW = 8, 8, 3
+
+
+@dataclass(frozen=True)
+class Query:
+    expr: str
+    legend: str
+
+
+@dataclass(frozen=True)
+class Panel:
+    """A panel before layout: what it shows, in which unit, and for which KPI's goals."""
+
+    title: str
+    description: str
+    queries: tuple[Query, ...]
+    unit: str = "short"
+    kind: str = "timeseries"
+    goal_kpi: str | None = None
+    min: float | None = None
+    max: float | None = None
+
+
+def _windowed(kpi: str, title: str, description: str, unit: str = "percentunit",
+              **extra: Any) -> Panel:  # fmt: skip
+    """A windowed KPI, one line per window, with its goals."""
+    return Panel(title, description, (Query(kpi_selector(kpi), "{{window}}"),), unit,
+                 goal_kpi=kpi, **extra)  # fmt: skip
+
+
+def _single(kpi: str, title: str, description: str, unit: str = "short", kind: str = "timeseries",
+            **extra: Any) -> Panel:  # fmt: skip
+    """A KPI without a window."""
+    return Panel(title, description, (Query(kpi_selector(kpi), title),), unit, kind,
+                 goal_kpi=kpi, **extra)  # fmt: skip
+
+
+def _compare(title: str, description: str, unit: str, *kpis_and_legends: tuple[str, str]) -> Panel:
+    """Several KPIs on the breakdown window in one panel (e.g. member vs guest)."""
+    queries = tuple(
+        Query(kpi_selector(kpi, BREAKDOWN_WINDOW), legend) for kpi, legend in kpis_and_legends
+    )
+    return Panel(title, description, queries, unit)
+
+
+def _ops(title: str, description: str, unit: str, *queries: tuple[str, str]) -> Panel:
+    return Panel(title, description, tuple(Query(e, legend) for e, legend in queries), unit)
+
+
+def _quantiles(metric: str) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (
+            f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{job=\"{JOB}\"}}[{RATE}])))",
+            f"p{round(q * 100)}",
+        )
+        for q in (0.5, 0.99)
+    )
+
+
+def _rows() -> list[tuple[str, list[Panel]]]:
+    job = f'job="{JOB}"'
+    return [
+        ("Members and acquisition", [
+            _single("members", "Members", "Known members (enrolled, or seen buying or redeeming).",
+                    kind="stat"),
+            _windowed("active_rate", "Active rate",
+                      "Share of members who bought or redeemed within the window."),
+            _windowed("member_growth_rate", "Member growth",
+                      "Members now vs members one window ago, minus 1."),
+            Panel("New members by channel",
+                  f"Members who enrolled within the {BREAKDOWN_WINDOW} window, by acquisition "
+                  "channel.",
+                  (Query(kpi_selector("new_members", BREAKDOWN_WINDOW), "{{channel}}"),),
+                  goal_kpi="new_members"),
+            Panel("Tier mix", "Members by current tier.",
+                  (Query(kpi_selector("tier_members"), "{{tier}}"),), kind="piechart"),
+            _windowed("enrollment_rate", "Enrollment rate",
+                      "New members / (new members + guest orders): share of non-member "
+                      "checkouts that joined."),
+        ]),
+        ("Redemption and points", [
+            _windowed("redemption_rate", "Redemption rate",
+                      "Share of members who redeemed within the window."),
+            _windowed("redemption_participation", "Redemption participation",
+                      "Redeemers / active members: how many active members use their points."),
+            _windowed("points_burn_rate", "Points burn rate",
+                      "Points redeemed / points earned within the window."),
+            _single("points_liability", "Points liability",
+                    "Outstanding points members can still redeem (unexpired, net of "
+                    "unbacked redemptions).", kind="stat"),
+            _compare("Points expiring and expired", f"Points of lots that expire within the "
+                     f"next {BREAKDOWN_WINDOW} and that expired in the last {BREAKDOWN_WINDOW}.",
+                     "short", ("points_expiring", "expiring next " + BREAKDOWN_WINDOW),
+                     ("expired_points", "expired last " + BREAKDOWN_WINDOW)),
+            _single("breakage_rate", "Breakage rate",
+                    "Share of the points that reached their expiry unused.", unit="percentunit"),
+        ]),
+        ("Churn and retention", [
+            _windowed("churn_rate", "Churn rate",
+                      "Share of the members active at the window start who lapsed past the "
+                      "churn horizon."),
+            _windowed("retention_rate", "Retention rate", "1 - churn rate."),
+            _windowed("churn_reduction", "Churn reduction",
+                      "Churn rate one window ago minus churn rate now (positive = churn fell)."),
+            _single("churned_members", "Churned members",
+                    "Members without any activity for the churn horizon."),
+            _single("one_and_done_rate", "One-and-done rate",
+                    "Share of buyers (past the settle period) who bought exactly once.",
+                    unit="percentunit"),
+            _ops("Member signals per day",
+                 "at_risk / churned / reactivated / points_expiring signals sent to "
+                 "marketing automation, per day.", "short",
+                 (f"sum by (signal) (increase(stream_kpis_signals_total{{{job}}}[1d]))",
+                  "{{signal}}")),
+        ]),
+        ("Purchases and spend", [
+            _windowed("repeat_purchase_rate", "Repeat purchase rate",
+                      "Share of buyers in the window who bought at least twice in it."),
+            _compare("Average order value: member vs guest",
+                     f"Revenue / orders, {BREAKDOWN_WINDOW} window, in the order currency.",
+                     "short", ("aov_member", "member"), ("aov_guest", "guest")),
+            _windowed("member_spend_lift", "Member spend lift",
+                      "Member AOV / guest AOV - 1."),
+            _windowed("member_revenue_share", "Member revenue share",
+                      "Member revenue / all revenue."),
+            _compare("Average margin: member vs guest",
+                     f"Margin / orders carrying a margin, {BREAKDOWN_WINDOW} window.", "short",
+                     ("avg_margin_member", "member"), ("avg_margin_guest", "guest")),
+            _windowed("margin_lift", "Margin lift", "Member average margin / guest - 1."),
+            _single("avg_lifetime_spend", "Average lifetime spend",
+                    "Historic spend per member who bought at least once (CLV so far)."),
+        ]),
+        ("Satisfaction and feedback", [
+            _windowed("nps", "NPS", "Net promoter score of all respondents, -100..100.",
+                      unit="none", min=-100, max=100),
+            _compare("NPS: member vs guest", f"NPS by respondent type, {BREAKDOWN_WINDOW} "
+                     "window.", "none", ("nps_member", "member"), ("nps_guest", "guest")),
+            _windowed("csat", "CSAT", "Share of CSAT answers of 4 or 5.", min=0, max=1),
+            _windowed("survey_responses", "Survey responses",
+                      "Survey answers received within the window.", unit="short"),
+            Panel("Feedback mentions",
+                  f"Comments mentioning each lexicon term, {BREAKDOWN_WINDOW} window (top 15).",
+                  (Query(f"topk(15, {kpi_selector('feedback_mentions', BREAKDOWN_WINDOW)})",
+                         "{{lexicon}}: {{term}}"),),
+                  kind="bargauge", goal_kpi="feedback_mentions"),
+        ]),
+        ("Operations", [
+            _ops("Events by topic and outcome", "Consumed events per second.", "ops",
+                 (f"sum by (topic, outcome) (rate(stream_kpis_events_total{{{job}}}[{RATE}]))",
+                  "{{topic}} {{outcome}}")),
+            _ops("Processing latency", "Processing time of an event batch.", "s",
+                 *_quantiles("stream_kpis_processing_seconds")),
+            _ops("Event lag", "Wall clock at processing minus event time (live events).", "s",
+                 *_quantiles("stream_kpis_event_lag_seconds"),
+                 (f"max by (instance) (stream_kpis_watermark_lag_seconds{{{job}}})",
+                  "watermark {{instance}}")),
+            _ops("Consumer lag", "Messages not yet consumed, by input topic (all workers).",
+                 "short",
+                 (f"sum by (topic) (stream_kpis_consumer_lag_messages{{{job}}})", "{{topic}}")),
+            _ops("Dead letters by reason", "Events sent to loyalty.dlq per second.", "ops",
+                 (f"sum by (reason) (rate(stream_kpis_dead_letters_total{{{job}}}[{RATE}]))",
+                  "{{reason}}")),
+            _ops("Duplicates by topic", "Redelivered events ignored per second.", "ops",
+                 (f"sum by (topic) (rate(stream_kpis_duplicates_total{{{job}}}[{RATE}]))",
+                  "{{topic}}")),
+            _ops("Table sizes", "Rows in the workers' state tables (all workers).", "short",
+                 (f"sum by (table) (stream_kpis_table_rows{{{job}}})", "{{table}}")),
+            _ops("Workers and global exporter",
+                 "Workers up, and which one exports the loyalty_* gauges (exactly one).", "short",
+                 (f"up{{{job}}}", "up {{instance}}"),
+                 (f"stream_kpis_global_exporter{{{job}}}", "exporter {{instance}}")),
+            _ops("KPI emissions", "KPI evaluations published per second, and the age of the "
+                 "newest one.", "short",
+                 (f"sum(rate(stream_kpis_kpi_emissions_total{{{job}}}[{RATE}]))", "emissions/s"),
+                 (f"time() - max(stream_kpis_last_emit_timestamp_seconds{{{job}}})",
+                  "seconds since last")),
+            _ops("Redis read-model errors", "Failed read-model writes per second.", "ops",
+                 (f"sum(rate(stream_kpis_redis_errors_total{{{job}}}[{RATE}]))", "errors/s")),
+        ]),
+    ]  # fmt: skip
+
+
+def _threshold_steps(targets: Sequence[Target]) -> list[dict[str, Any]] | None:
+    """Grafana threshold steps coloring where absolute goals are met (green) or missed."""
+    absolute = [t for t in targets if t.kind == "absolute"]
+    if not absolute:
+        return None
+    values = sorted({t.bound for t in absolute})
+
+    def color_at(x: float) -> str:
+        missed = [t.severity for t in absolute if not _HOLDS[t.op](x, t.bound)]
+        if not missed:
+            return "green"
+        return _SEVERITY_COLORS[max(missed, key=_SEVERITY_ORDER.index)]
+
+    steps = [{"color": color_at(values[0] - 1), "value": None}]
+    for low, high in zip(values, [*values[1:], values[-1] + 2], strict=True):
+        steps.append({"color": color_at((low + high) / 2), "value": low})
+    return steps
+
+
+def _goal_queries(targets: Iterable[Target]) -> list[Query]:
+    """For relative goals: the line the KPI has to stay beyond (value ``per`` ago + change)."""
+    queries = []
+    for t in targets:
+        if t.kind == "relative":
+            past = kpi_selector(t.kpi, t.window, t.labels, offset=t.per)
+            sign = "+" if t.bound >= 0 else "-"
+            queries.append(
+                Query(f"{past} {sign} {abs(t.bound)!r}", f"goal {_goal_label(t)}{goal_text(t)}")
+            )
+    return queries
+
+
+def _goal_label(target: Target) -> str:
+    """ "30d, channel=web: " before a goal ("" for a KPI without window or labels)."""
+    parts = ([target.window] if target.window else []) + [f"{k}={v}" for k, v in target.labels]
+    return f"{', '.join(parts)}: " if parts else ""
+
+
+def _panel_json(panel: Panel, panel_id: int, x: int, y: int, targets: Sequence[Target]) -> dict:
+    goals = [t for t in targets if t.kpi == panel.goal_kpi]
+    queries = list(panel.queries) + _goal_queries(goals)
+    description = panel.description
+    if goals:
+        description += " Goals: " + "; ".join(_goal_label(t) + goal_text(t) for t in goals) + "."
+    defaults: dict[str, Any] = {"unit": panel.unit}
+    if panel.min is not None:
+        defaults["min"] = panel.min
+    if panel.max is not None:
+        defaults["max"] = panel.max
+    steps = _threshold_steps(goals)
+    options: dict[str, Any] = {}
+    if panel.kind == "timeseries":
+        defaults["custom"] = {"thresholdsStyle": {"mode": "dashed" if steps else "off"}}
+        options = {"legend": {"displayMode": "list", "placement": "bottom"},
+                   "tooltip": {"mode": "multi"}}  # fmt: skip
+    elif panel.kind == "stat":
+        options = {"reduceOptions": {"calcs": ["lastNotNull"]}, "graphMode": "area"}
+    elif panel.kind in ("bargauge", "piechart"):
+        options = {"reduceOptions": {"calcs": ["lastNotNull"]}}
+    defaults["thresholds"] = {
+        "mode": "absolute",
+        "steps": steps or [{"color": "green", "value": None}],
+    }
+    if steps and panel.kind != "timeseries":
+        defaults["color"] = {"mode": "thresholds"}
+    return {
+        "id": panel_id,
+        "type": panel.kind,
+        "title": panel.title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "gridPos": {"x": x, "y": y, "w": _PANEL_WIDTH, "h": _PANEL_HEIGHT},
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": options,
+        "targets": [
+            {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": q.expr,
+             "legendFormat": q.legend, "range": True, "instant": False}  # fmt: skip
+            for i, q in enumerate(queries)
+        ],
+    }
+
+
+def render_dashboard(targets: TargetsConfig) -> dict[str, Any]:
+    """The dashboard JSON model, with the goals of ``targets`` drawn on their KPIs."""
+    panels: list[dict[str, Any]] = []
+    y = 0
+    for row_title, row_panels in _rows():
+        panels.append({
+            "id": len(panels) + 1, "type": "row", "title": row_title, "collapsed": False,
+            "gridPos": {"x": 0, "y": y, "w": 24, "h": 1}, "panels": [],
+        })  # fmt: skip
+        y += 1
+        for i, panel in enumerate(row_panels):
+            x = (i % _PER_ROW) * _PANEL_WIDTH
+            row_y = y + (i // _PER_ROW) * _PANEL_HEIGHT
+            panels.append(_panel_json(panel, len(panels) + 1, x, row_y, targets.targets))
+        y += -(-len(row_panels) // _PER_ROW) * _PANEL_HEIGHT
+    return {
+        "uid": DASHBOARD_UID,
+        "title": "Loyalty KPIs",
+        "description": (
+            f"Generated by stream-kpis from {targets.source}; do not edit in Grafana. "
+            "Dashed lines are the program goals."
+        ),
+        "tags": ["stream-kpis", "loyalty"],
+        "timezone": "utc",
+        "editable": False,
+        "graphTooltip": 1,
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "1m",
+        "time": {"from": "now-30d", "to": "now"},
+        "templating": {"list": []},
+        "annotations": {"list": []},
+        "links": [],
+        "panels": panels,
+    }
+
+
+def render_dashboard_json(targets_path: str | Path) -> str:
+    """The text of ``deploy/grafana/dashboards/stream-kpis.json`` for a targets file."""
+    config = load_targets(targets_path)
+    config = TargetsConfig(config.targets, config.health, Path(targets_path).as_posix())
+    return json.dumps(render_dashboard(config), indent=2, ensure_ascii=False) + "\n"
+
+
+def _walk(panels: Iterable[Mapping[str, Any]]) -> Iterable[Mapping[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _walk(panel.get("panels", ()))
+
+
+def dashboard_queries(dashboard_json: str | Mapping[str, Any]) -> list[str]:
+    """Every PromQL ``expr`` of a dashboard (JSON text or parsed), rows included."""
+    dashboard = json.loads(dashboard_json) if isinstance(dashboard_json, str) else dashboard_json
+    return [
+        target["expr"]
+        for panel in _walk(dashboard.get("panels", ()))
+        for target in panel.get("targets", ())
+        if target.get("expr")
+    ]
