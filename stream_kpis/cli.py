@@ -86,7 +86,7 @@ def cli() -> None:
 @click.option("--every", type=DURATION, default=None,
               help="Also emit the KPIs each time event time passes a multiple of this (e.g. 1d).")
 @click.option("--dead-letters", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write bad lines here (JSONL: reason, detail, file, line, original).")
+              help="Write bad lines here (JSONL: reason, detail, topic=the file, offset=the line, original).")
 @click.option("--signals", "signals_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write member signals (at_risk, churned, reactivated, points_expiring) here.")
 @click.option("--progress/--no-progress", default=None,

@@ -25,6 +25,8 @@ __all__ = ["Processor", "PartitionStore", "Signal", "evaluate_kpis", "member_sta
 Signal = dict[str, Any]
 _REACTIVATED = "reactivated"
 APPLIED, DUPLICATE, REDELIVERED = "applied", "duplicate", "redelivered"
+_MEMBER_SUMS = ("member_revenue", "member_orders", "member_margin", "member_margin_orders")
+_GUEST_SUMS = ("guest_revenue", "guest_orders", "guest_margin", "guest_margin_orders")
 
 
 class Processor:
@@ -108,7 +110,7 @@ class Processor:
         member_id = event.member_id
         state = self.members.get(member_id)
         validity = self.validity_ms
-        key = f"{event.type[0]}{event.event_id}"
+        key = event.type[0] + event.event_id
         if state is None:
             state = MemberState()
             old_view = None
@@ -148,11 +150,14 @@ class Processor:
                 self.expiry_index.setdefault(expiry, set()).add(member_id)
         self._event_sums(event, True, token)
         old_touch = None if old_view is None else old_view[LAST_TOUCH]
-        if new_view[LAST_TOUCH] != old_touch:
+        touch = new_view[LAST_TOUCH]
+        if touch != old_touch:
             if old_touch is not None:
                 self.touch_index[old_touch].discard(member_id)
-            self.touch_index.setdefault(new_view[LAST_TOUCH], set()).add(member_id)
-            self._update_status(member_id, state)
+            self.touch_index.setdefault(touch, set()).add(member_id)
+            # an active member touched within the at-risk horizon stays active: skip the check
+            if state.status != ACTIVE or self.K is None or touch <= self.K - self.settings.at_risk:
+                self._update_status(member_id, state)
         if points_event and self.K is not None:
             self._expiry_notices(member_id, state, self.K)
         self.members[member_id] = state
@@ -169,19 +174,27 @@ class Processor:
             offsets[topic] = offset
         if self.track_changes:
             self.changed_buckets.add(bucket)
-        add = self.aggs.add
-        if event.type == PURCHASE:
-            who = "member" if member else "guest"
-            add(f"{who}_revenue", bucket, event.amount)
-            add(f"{who}_orders", bucket, 1)
+        sums = self.aggs.sums
+        kind = event.type
+        if kind == PURCHASE:
+            who = _MEMBER_SUMS if member else _GUEST_SUMS
+            hist = sums[who[0]]
+            hist[bucket] = hist.get(bucket, 0) + event.amount
+            hist = sums[who[1]]
+            hist[bucket] = hist.get(bucket, 0) + 1
             if event.margin is not None:
-                add(f"{who}_margin", bucket, event.margin)
-                add(f"{who}_margin_orders", bucket, 1)
+                hist = sums[who[2]]
+                hist[bucket] = hist.get(bucket, 0) + event.margin
+                hist = sums[who[3]]
+                hist[bucket] = hist.get(bucket, 0) + 1
             if member and event.points:
-                add("points_earned", bucket, event.points)
-        elif event.type == REDEMPTION:
-            add("points_redeemed", bucket, event.points)
-        elif event.type == SURVEY:
+                hist = sums["points_earned"]
+                hist[bucket] = hist.get(bucket, 0) + event.points
+        elif kind == REDEMPTION:
+            hist = sums["points_redeemed"]
+            hist[bucket] = hist.get(bucket, 0) + event.points
+        elif kind == SURVEY:
+            add = self.aggs.add
             add("surveys", bucket, 1)
             if event.nps is not None:
                 score = 1 if event.nps >= 9 else (-1 if event.nps <= 6 else 0)
@@ -262,10 +275,12 @@ class Processor:
         horizon = K + self.settings.expiring_notice
         due: dict[int, int] = {}
         for expiry, _, remaining in state.lot_contributions(self.validity_ms, self.bucket_ms):
-            if remaining and max(K, state.notified_expiry) < expiry <= horizon:
+            if remaining and K < expiry <= horizon and expiry not in state.notified_expiry:
                 due[expiry] = due.get(expiry, 0) + remaining
+        if due:  # forget notices of lots that have expired since
+            state.notified_expiry = [e for e in state.notified_expiry if e > K]
         for expiry in sorted(due):
-            state.notified_expiry = expiry
+            state.notified_expiry.append(expiry)
             self._signal(member_id, "points_expiring", state, points=due[expiry],
                          expires_at=format_rfc3339(expiry * self.bucket_ms))
         if due:
@@ -359,6 +374,9 @@ class PartitionStore:
         for key, value in record["mentions"].items():
             aggs.mentions.setdefault(key, {})[bucket] = value
         processor.bucket_offsets[bucket] = record["offsets"]
+        start = bucket * processor.bucket_ms  # guest and survey events live only here: keep K
+        if processor.max_ts is None or start > processor.max_ts:
+            processor.max_ts = start
 
     @staticmethod
     def load_member(processor: Processor, member_id: str, state: MemberState) -> None:
@@ -377,6 +395,6 @@ class PartitionStore:
                 processor.expiry_index.setdefault(expiry, set()).add(member_id)
         totals["unbacked"] += state.unbacked
         processor.touch_index.setdefault(view[LAST_TOUCH], set()).add(member_id)
-        if state.last_activity is not None and (processor.max_ts is None
-                                                or state.last_activity > processor.max_ts):
-            processor.max_ts = state.last_activity
+        touch = state.last_touch
+        if processor.max_ts is None or touch > processor.max_ts:
+            processor.max_ts = touch

@@ -130,7 +130,9 @@ def _timestamp_converter(ts_format: str) -> Callable[[str], Any]:
 
 
 class _RowError(Exception):
-    pass
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 def _csv_rows(source: Source, handle: io.TextIOBase) -> Iterator[tuple[int, dict | None, bytes]]:
@@ -146,9 +148,12 @@ def _csv_rows(source: Source, handle: io.TextIOBase) -> Iterator[tuple[int, dict
     to_ts = _timestamp_converter(source.ts_format)
     for row in reader:
         line = reader.line_num
-        raw = orjson.dumps(row)
+        extra = row.pop(None, None)  # cells beyond the header
+        raw = orjson.dumps(row if extra is None else {**row, "_extra_cells": extra})
         event: dict[str, Any] = {}
         try:
+            if extra is not None:
+                raise _RowError("bad_value", f"the row has {len(extra)} more cell(s) than the header")
             for ours, theirs in mapping.items():
                 text = row.get(theirs)
                 if text is None or text.strip() == "":
@@ -158,8 +163,8 @@ def _csv_rows(source: Source, handle: io.TextIOBase) -> Iterator[tuple[int, dict
                     try:
                         event[ours] = to_ts(text)
                     except ValueError:
-                        raise _RowError(f"ts {text!r} does not match ts_format {source.ts_format!r}"
-                                        ) from None
+                        raise _RowError("bad_timestamp", f"ts {text!r} does not match ts_format "
+                                                         f"{source.ts_format!r}") from None
                 elif ours in _NUMBER_FIELDS:
                     event[ours] = _convert(float, ours, text)
                 elif ours in _INT_FIELDS:
@@ -167,7 +172,7 @@ def _csv_rows(source: Source, handle: io.TextIOBase) -> Iterator[tuple[int, dict
                 else:
                     event[ours] = text
         except _RowError as exc:
-            yield line, {"__error__": str(exc)}, raw
+            yield line, {"__error__": str(exc), "__reason__": exc.reason}, raw
             continue
         yield line, event, raw
 
@@ -176,7 +181,8 @@ def _convert(kind: type, name: str, text: str) -> Any:
     try:
         return kind(text)
     except ValueError:
-        raise _RowError(f"{name} {text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        raise _RowError("bad_type", f"{name} {text!r} is not a"
+                                    f"{'n integer' if kind is int else ' number'}") from None
 
 
 def read_source(source: Source, parser: EventParser,
@@ -196,7 +202,7 @@ def read_source(source: Source, parser: EventParser,
                 if on_bytes is not None:
                     on_bytes(len(raw))
                 if "__error__" in obj:
-                    dead = DeadLetter("bad_type", obj["__error__"], raw)
+                    dead = DeadLetter(obj["__reason__"], obj["__error__"], raw)
                 else:
                     dead_or_event = parser.validate(obj, raw, source.type)
                     if isinstance(dead_or_event, Event):

@@ -63,6 +63,13 @@ DEFAULT_LEXICONS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Settings field -> the [kpis] key a user writes, for error messages.
+_TOML_NAMES = {"churn_horizon_ms": "churn_horizon", "settle_ms": "settle", "at_risk_ms": "at_risk_horizon",
+               "points_validity_ms": "points_validity",
+               "points_expiring_notice_ms": "points_expiring_notice"}
+_INT_FIELDS = ("web_port", "partitions")
+
+
 @dataclass(frozen=True)
 class Topics:
     """Kafka topic names; all prefixed by ``topic_prefix`` (default ``loyalty.``)."""
@@ -156,6 +163,7 @@ class Settings:
 
     def _whole_buckets(self, name: str, value: int) -> None:
         if value % self.bucket_ms:
+            name = _TOML_NAMES.get(name, name)
             raise ConfigError(
                 f"[kpis] {name} = {duration_label(value)} is not a whole number of buckets of "
                 f"{duration_label(self.bucket_ms)}: choose a multiple of the bucket"
@@ -249,7 +257,12 @@ def _section_strings(section: Mapping[str, Any], name: str, mapping: dict[str, s
     out = {}
     for key, target in mapping.items():
         if key in section:
-            out[target] = section[key]
+            value = section[key]
+            wanted = int if target in _INT_FIELDS else str
+            if type(value) is not wanted:
+                raise ConfigError(f"[{name}] {key} must be {'an integer' if wanted is int else 'a string'}, "
+                                  f"got {value!r}")
+            out[target] = value
     unknown = set(section) - set(mapping)
     if unknown:
         raise ConfigError(f"[{name}] unknown key(s) {sorted(unknown)}; known keys: {sorted(mapping)}")

@@ -90,7 +90,7 @@ class MemberState:
         self.remaining: list[int] | None = None     # per lot, after allocation
         self.unbacked = 0
         self.status = ACTIVE
-        self.notified_expiry = -1                   # last expiry bucket a notice was sent for
+        self.notified_expiry: list[int] = []        # expiry buckets a notice was sent for (>= K)
 
     # derived fields
     @property

@@ -1,4 +1,8 @@
-"""Hand-worked examples for the brute-force test oracle (tests/oracle.py).
+"""Hand-worked examples, run against the brute-force oracle (tests/oracle.py) and the real core.
+
+The ``run`` fixture is parametrized: ``[oracle]`` calls the oracle, ``[core]`` feeds the same
+event dicts through EventParser.validate into stream_kpis.core.Processor and evaluates as of
+the same bucket. Oracle-only helpers (``mentions``) are tested directly.
 
 Every expected number below is worked out by hand in the comments from SPEC.md
 sections 1-4.1 and CONTRACT.md, never copied from the oracle's output. Buckets are
@@ -13,62 +17,11 @@ import random
 import pytest
 from pytest import approx
 
+from tests.conftest import B, enrollment, purchase, redemption, survey
 from tests.oracle import brute_force_kpis, mentions
 
-B = 3_600_000  # bucket width: 1 h in ms
 
-
-def at(bucket: int, offset_ms: int = 0) -> int:
-    return bucket * B + offset_ms
-
-
-def purchase(eid, member, bucket, amount=10.0, *, points=0, margin=None, tier=None, offset=0):
-    return {
-        "type": "purchase",
-        "event_id": eid,
-        "member_id": member,
-        "ts": at(bucket, offset),
-        "amount": amount,
-        "points": points,
-        "margin": margin,
-        "tier": tier,
-    }
-
-
-def redemption(eid, member, bucket, points, *, offset=0):
-    return {
-        "type": "redemption",
-        "event_id": eid,
-        "member_id": member,
-        "ts": at(bucket, offset),
-        "points": points,
-    }
-
-
-def enrollment(eid, member, bucket, channel=None, tier=None):
-    return {
-        "type": "enrollment",
-        "event_id": eid,
-        "member_id": member,
-        "ts": at(bucket),
-        "channel": channel,
-        "tier": tier,
-    }
-
-
-def survey(eid, member, bucket, *, nps=None, csat=None, comment=None):
-    return {
-        "type": "survey",
-        "event_id": eid,
-        "member_id": member,
-        "ts": at(bucket),
-        "nps": nps,
-        "csat": csat,
-        "comment": comment,
-    }
-
-
-def run(events, *, as_of, windows=(3,), h=4, s=4, validity=None, lexicons=None, labels=None):
+def run_oracle(events, *, as_of, windows=(3,), h=4, s=4, validity=None, lexicons=None, labels=None):
     return brute_force_kpis(
         list(events),
         bucket_ms=B,
@@ -80,6 +33,32 @@ def run(events, *, as_of, windows=(3,), h=4, s=4, validity=None, lexicons=None, 
         lexicons=lexicons,
         window_labels=labels,
     )
+
+
+@pytest.fixture(params=["oracle", "core"])
+def run(request, make_processor, result_of):
+    """The runner of the hand-worked examples, for the oracle and for the real core.
+
+    The core path validates the same event dicts with EventParser, feeds them to a Processor
+    and evaluates as of the same bucket. Its window labels (Settings.window_labels, "3h") are
+    mapped back to the examples' labels ("3b" unless ``labels`` names them), and
+    churn_reduction, which depends on the evaluation history, is left to tests/unit/test_core.py.
+    """
+    if request.param == "oracle":
+        return run_oracle
+
+    def run_core(events, *, as_of, windows=(3,), h=4, s=4, validity=None, lexicons=None, labels=None):
+        processor = make_processor(
+            events, windows=windows, h=h, s=s, validity_ms=validity, lexicons=lexicons
+        )
+        labels = labels or {}
+        rename = {
+            core_label: labels.get(w, f"{w}b") for w, core_label in processor.settings.window_labels.items()
+        }
+        result = result_of(processor.evaluate(as_of), rename)
+        return {key: value for key, value in result.items() if key[0] != "churn_reduction"}
+
+    return run_core
 
 
 def kpi(result, name, window=None, **labels):
@@ -172,7 +151,7 @@ def validity_events(r2_offset=0):
 # --- tests ----------------------------------------------------------------------------
 
 
-def test_active_and_redemption_rates():
+def test_active_and_redemption_rates(run):
     r = run(rates_events(), as_of=10, windows=(3, 10))
     assert kpi(r, "members") == (3, None, None)  # ann, ben, cat; dan only answered a survey
     # 3b = [8, 10]: active ann (9), cat (8); ben (5) is not.
@@ -195,7 +174,7 @@ def test_active_and_redemption_rates():
     assert kpi(r, "points_liability") == (11, None, None)
 
 
-def test_churn_rate_follows_the_spec_formula():
+def test_churn_rate_follows_the_spec_formula(run):
     r = run(churn_events(), as_of=10, h=4, windows=(3, 4, 5))
     # churned: last_touch <= K-h = 6 -> m1 (0), m2 (4), m3 (5), m7 (3)
     assert kpi(r, "churned_members") == (4, None, None)
@@ -214,7 +193,7 @@ def test_churn_rate_follows_the_spec_formula():
     assert ("active_rate", "5b", ()) in r
 
 
-def test_repeat_purchase_and_one_and_done_with_settle():
+def test_repeat_purchase_and_one_and_done_with_settle(run):
     events = [
         purchase("q-p1a", "p1", 2),
         purchase("q-p1b", "p1", 9),  # last 9, prev 2
@@ -241,7 +220,7 @@ def test_repeat_purchase_and_one_and_done_with_settle():
     assert kpi(r, "one_and_done_rate") == (0.4, 2, 5)
 
 
-def test_aov_lift_share_and_lifetime_spend():
+def test_aov_lift_share_and_lifetime_spend(run):
     events = [
         purchase("a-1", "ann", 9, 100.0),
         purchase("a-2", "ann", 8, 50.0),
@@ -263,7 +242,7 @@ def test_aov_lift_share_and_lifetime_spend():
     assert kpi(r, "avg_lifetime_spend") == (600.0, 1200.0, 2)
 
 
-def test_margin_lift_with_negative_margins():
+def test_margin_lift_with_negative_margins(run):
     events = [
         purchase("m-1", "m1", 8, 10.0, margin=10.0),
         purchase("m-2", "m1", 9, 10.0, margin=-30.0),
@@ -284,7 +263,7 @@ def test_margin_lift_with_negative_margins():
     assert kpi(r, "margin_lift", "3b") == (1.5, -10.0, -4.0)
 
 
-def test_lifts_are_null_without_a_guest_baseline():
+def test_lifts_are_null_without_a_guest_baseline(run):
     members_only = [purchase("n-1", "m1", 9, 10.0, margin=4.0)]
     r = run(members_only, as_of=10, windows=(3,))
     assert kpi(r, "aov_guest", "3b") == (None, 0.0, 0)
@@ -301,7 +280,7 @@ def test_lifts_are_null_without_a_guest_baseline():
     assert kpi(r, "margin_lift", "3b") == (None, 4.0, 0.0)
 
 
-def test_enrollment_implicit_vs_explicit():
+def test_enrollment_implicit_vs_explicit(run):
     events = enrollment_events()
     r = run(events, as_of=10, windows=(3, 6), h=2)
     assert kpi(r, "members") == (4, None, None)
@@ -330,7 +309,7 @@ def test_enrollment_implicit_vs_explicit():
     assert kpi(r, "churned_members") == (4, None, None)
 
 
-def test_tier_comes_from_the_latest_tier_carrying_event():
+def test_tier_comes_from_the_latest_tier_carrying_event(run):
     events = [
         enrollment("e-t1", "t1", 0, tier="silver"),
         purchase("p-t1a", "t1", 5, tier="gold"),
@@ -355,7 +334,7 @@ def test_tier_comes_from_the_latest_tier_carrying_event():
     }
 
 
-def test_surveys_nps_csat_member_and_guest():
+def test_surveys_nps_csat_member_and_guest(run):
     events = [
         survey("s1", "m1", 8, nps=10, csat=5),
         survey("s2", "m2", 9, nps=8, csat=3),
@@ -389,7 +368,7 @@ LEXICONS = {
 }
 
 
-def test_feedback_mentions_whole_word_case_insensitive_unicode():
+def test_feedback_mentions_whole_word_case_insensitive_unicode(run):
     comments = [
         "Checkout was SLOW today",  # slow
         "Atendimento Lento.",  # lento
@@ -442,7 +421,7 @@ def test_mentions_directly(comment, term, expected):
     assert mentions(comment, term) is expected
 
 
-def test_points_validity_unbacked_and_bucket_edge_expiry():
+def test_points_validity_unbacked_and_bucket_edge_expiry(run):
     # Event-time replay of v1 with V = 3 buckets:
     #   P1 +10 (ts 0). R1 -4 at ts 0 (purchases first at equal ts): P1 -> 6.
     #   P2 +5. R2 -8 at at(3): P1 expires at(3) exactly, so it is NOT usable (r < t+V fails);
@@ -463,7 +442,7 @@ def test_points_validity_unbacked_and_bucket_edge_expiry():
     assert kpi(r, "breakage_rate") == approx((13 / 22, 13, 22))
 
 
-def test_points_validity_redemption_one_ms_before_expiry():
+def test_points_validity_redemption_one_ms_before_expiry(run):
     # R2 at at(3)-1: P1 (6 left) still usable, oldest first: P1 -> 0, P2 5 -> 3, nothing
     # unbacked. R3 as before: P3 -> 8.
     r = run(validity_events(r2_offset=-1), as_of=6, windows=(2, 4), validity=3 * B)
@@ -472,7 +451,7 @@ def test_points_validity_redemption_one_ms_before_expiry():
     assert kpi(r, "breakage_rate") == approx((10 / 22, 10, 22))
 
 
-def test_points_without_validity():
+def test_points_without_validity(run):
     r = run(validity_events(), as_of=6, windows=(2,))
     # earned 10 + 5 + 9 + 2 + 3 + 4 = 33, redeemed 4 + 8 + 1 = 13
     assert kpi(r, "points_liability") == (20, None, None)
@@ -481,7 +460,7 @@ def test_points_without_validity():
     assert kpi(r, "breakage_rate") == (None, 0, 0)
 
 
-def test_timestamps_after_as_of_count_as_as_of():
+def test_timestamps_after_as_of_count_as_as_of(run):
     events = [enrollment("e-zoe", "zoe", 12, "web"), purchase("p-zoe", "zoe", 15, points=5)]
     r = run(events, as_of=10, windows=(1,), h=4)
     # both clamp to bucket 10 = the 1-bucket window [10, 10]
@@ -492,7 +471,7 @@ def test_timestamps_after_as_of_count_as_as_of():
     assert kpi(r, "member_growth_rate", "1b") == (None, 1, 0)  # nobody enrolled by bucket 9
 
 
-def test_arrival_order_does_not_matter():
+def test_arrival_order_does_not_matter(run):
     events = rates_events() + churn_events() + enrollment_events() + validity_events()
     params = {"as_of": 10, "windows": (3, 6), "h": 4, "validity": 3 * B, "lexicons": LEXICONS}
     expected = run(events, **params)
@@ -504,7 +483,7 @@ def test_arrival_order_does_not_matter():
         assert run(shuffled, **params) == expected
 
 
-def test_duplicates_are_ignored_first_arrival_wins():
+def test_duplicates_are_ignored_first_arrival_wins(run):
     events = [
         purchase("x1", "ann", 9, 10.0, points=5),
         purchase("x1", "ann", 9, 999.0, points=500),  # redelivery: ignored
@@ -577,7 +556,7 @@ NON_WINDOWED = {
 CHURN_WINDOWED = {"churn_rate", "retention_rate"}
 
 
-def test_zero_denominators_are_null():
+def test_zero_denominators_are_null(run):
     r = run([], as_of=10, windows=(3,), validity=3 * B)
     assert {name for name, _, _ in r} == RATIO_KPIS | COUNT_KPIS
     for (name, _, _), (value, numerator, denominator) in r.items():
@@ -591,7 +570,7 @@ def test_zero_denominators_are_null():
     assert kpi(r, "churn_rate", "3b") == (None, 0, 0)
 
 
-def test_every_kpi_for_every_window_with_labels():
+def test_every_kpi_for_every_window_with_labels(run):
     events = rates_events() + [survey("s-kpi", None, 9, nps=9, comment="slow")]
     r = run(
         events, as_of=10, windows=(3, 24), h=3, lexicons={"friction": ["slow"]}, labels={3: "3h", 24: "1d"}
