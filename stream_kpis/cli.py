@@ -254,13 +254,14 @@ def topics() -> None:
 @topics.command("create")
 @_config_option
 @click.option("--partitions", type=int, default=None, help="Partitions of the input topics.")
-@click.option("--replication", type=int, default=1, show_default=True)
-def topics_create(config_path: Path | None, partitions: int | None, replication: int) -> None:
-    """Create the input, DLQ, signal and KPI topics (existing topics are kept)."""
+@click.option("--replication", type=int, default=None,
+              help="Replication factor (default: the replication setting, 1).")
+def topics_create(config_path: Path | None, partitions: int | None, replication: int | None) -> None:
+    """Create the input, DLQ, signal, KPI and changelog topics (existing topics are kept)."""
     from .kafka_tools import create_topics
 
-    settings = _settings(config_path, partitions=partitions)
-    created = create_topics(settings, replication)
+    settings = _settings(config_path, partitions=partitions, replication=replication)
+    created = create_topics(settings, settings.replication)
     click.echo(f"created {len(created)} topic(s){': ' + ', '.join(created) if created else ''}")
 
 

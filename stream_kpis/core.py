@@ -14,7 +14,15 @@ from typing import Any
 import orjson
 
 from .events import PURCHASE, REDEMPTION, SURVEY, Event
-from .kpis import LAST_TOUCH, Aggregates, MentionMatcher, churn_snapshot, evaluate, member_view
+from .kpis import (
+    LAST_TOUCH,
+    Aggregates,
+    MentionMatcher,
+    churn_snapshot,
+    churn_snapshots,
+    evaluate,
+    member_view,
+)
 from .settings import Settings
 from .state import ACTIVE, AT_RISK, CHURNED, MemberState
 from .timebase import format_rfc3339
@@ -219,8 +227,7 @@ class Processor:
         if previous is not None and K <= previous:
             return
         if self.record_churn_history and previous is not None:
-            self.churn_history[previous] = churn_snapshot(
-                self.aggs, previous, self.settings.windows, self.settings.churn_horizon)
+            self._record_churn_history(previous, K)
         self.K = K
         if previous is None:
             touch_buckets = [b for b in self.touch_index if b <= K - self.settings.at_risk]
@@ -240,6 +247,16 @@ class Processor:
         for bucket in expiry_buckets:
             for member_id in list(self.expiry_index.get(bucket, ())):
                 self._expiry_notices(member_id, self.members[member_id], K)
+
+    def _record_churn_history(self, previous: int, K: int) -> None:
+        """Snapshots as of every bucket the clock passed through, [previous, K) (the state did
+        not change in a gap without events), keeping only what churn_reduction can still use."""
+        oldest_needed = K - max(self.settings.windows)
+        history = self.churn_history
+        history.update(churn_snapshots(self.aggs, range(max(previous, oldest_needed), K),
+                                       self.settings.windows, self.settings.churn_horizon))
+        for bucket in [b for b in history if b < oldest_needed]:
+            del history[bucket]
 
     @staticmethod
     def _newly_passed(index: dict[int, Any], after: int, upto: int) -> list[int]:

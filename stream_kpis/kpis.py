@@ -24,6 +24,7 @@ __all__ = [
     "member_view",
     "evaluate",
     "churn_snapshot",
+    "churn_snapshots",
     "KPI_TOPICS",
     "KPI_HELP",
     "MentionMatcher",
@@ -244,15 +245,24 @@ def _nps(net: float, n: float) -> float | None:
 def churn_snapshot(aggs: Aggregates, K: int, windows: Iterable[int], horizon: int
                    ) -> dict[int, tuple[int, int]]:
     """churn_rate (numerator, denominator) per window w <= h, as of K (SPEC section 4)."""
-    touch = _Ranges(aggs.hists[LAST_TOUCH], K)
-    enrolled = _Ranges(aggs.hists[ENROLLED], K)
+    return churn_snapshots(aggs, [K], windows, horizon)[K]
+
+
+def churn_snapshots(aggs: Aggregates, Ks: Iterable[int], windows: Iterable[int], horizon: int
+                    ) -> dict[int, dict[int, tuple[int, int]]]:
+    """:func:`churn_snapshot` for several as-of buckets over the same aggregates.
+
+    Every range in the churn formula either ends before K or runs to the end, so clamping
+    buckets after K changes nothing and one pair of prefix sums serves all Ks.
+    """
+    touch = _Ranges(aggs.hists[LAST_TOUCH], 0, clamp=False)
+    enrolled = _Ranges(aggs.hists[ENROLLED], 0, clamp=False)
+    windows = [w for w in windows if w <= horizon]
     out = {}
-    for w in windows:
-        if w > horizon:
-            continue
-        churned = touch.between(K - w - horizon + 1, K - horizon)
-        at_start = touch.since(K - w - horizon + 1) - enrolled.since(K - w + 1)
-        out[w] = (churned, at_start)
+    for K in Ks:
+        out[K] = {w: (touch.between(K - w - horizon + 1, K - horizon),
+                      touch.since(K - w - horizon + 1) - enrolled.since(K - w + 1))
+                  for w in windows}
     return out
 
 

@@ -37,6 +37,7 @@ ENV = {
     "emit_interval": "STREAM_KPIS_EMIT_INTERVAL",
     "topic_prefix": "STREAM_KPIS_TOPIC_PREFIX",
     "partitions": "STREAM_KPIS_PARTITIONS",
+    "replication": "STREAM_KPIS_REPLICATION",
     "kafka_security_protocol": "STREAM_KPIS_KAFKA_SECURITY_PROTOCOL",
     "kafka_sasl_mechanism": "STREAM_KPIS_KAFKA_SASL_MECHANISM",
     "kafka_username": "STREAM_KPIS_KAFKA_USERNAME",
@@ -67,7 +68,7 @@ DEFAULT_LEXICONS: dict[str, tuple[str, ...]] = {
 _TOML_NAMES = {"churn_horizon_ms": "churn_horizon", "settle_ms": "settle", "at_risk_ms": "at_risk_horizon",
                "points_validity_ms": "points_validity",
                "points_expiring_notice_ms": "points_expiring_notice"}
-_INT_FIELDS = ("web_port", "partitions")
+_INT_FIELDS = ("web_port", "partitions", "replication")
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class Settings:
     broker: str = "kafka://127.0.0.1:9092"
     topics: Topics = field(default_factory=Topics)
     partitions: int = 4
+    replication: int = 1  # replication factor of the topics we create, changelogs included
     store: str = "rocksdb://"
     data_dir: str = ".local/worker"
     emit_interval_s: float = 10.0
@@ -276,7 +278,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
                 "kafka_password", "kafka_ssl_cafile"):
         if env.get(ENV[key]):
             out[key] = env[ENV[key]]
-    for key in ("web_port", "partitions"):
+    for key in _INT_FIELDS:
         if env.get(ENV[key]):
             try:
                 out[key] = int(env[ENV[key]])
@@ -327,7 +329,8 @@ def settings_from_toml(path: str | os.PathLike) -> dict[str, Any]:
             "broker": "broker", "security_protocol": "kafka_security_protocol",
             "sasl_mechanism": "kafka_sasl_mechanism", "username": "kafka_username",
             "password": "kafka_password", "ssl_cafile": "kafka_ssl_cafile",
-            "partitions": "partitions", "app_id": "app_id", "topic_prefix": "topic_prefix"}))
+            "partitions": "partitions", "replication": "replication", "app_id": "app_id",
+            "topic_prefix": "topic_prefix"}))
         topic_prefix = values.pop("topic_prefix", None)
         if topic_prefix:
             values["topics"] = Topics.with_prefix(topic_prefix)

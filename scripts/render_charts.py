@@ -1,0 +1,244 @@
+"""Render the main loyalty KPIs, as a Prometheus recorded them, to PNG charts.
+
+Queries a Prometheus that scrapes the stream-kpis workers (``job="stream-kpis"``) with
+``/api/v1/query_range`` over a time range -- by default the last 30 minutes, e.g. a
+``stream-kpis demo`` run -- and writes one PNG per KPI plus ``overview.png`` (all of them on
+one page) into the output directory. The queries are the dashboard's (``kpi_selector``:
+de-duplicated across workers); absolute goals of the targets file are drawn as dashed lines.
+
+    .venv/bin/python scripts/render_charts.py http://127.0.0.1:9090
+    .venv/bin/python scripts/render_charts.py http://127.0.0.1:9090 --since 2h -o /tmp/charts
+    .venv/bin/python scripts/render_charts.py URL --start 2024-06-01T10:00:00Z --end 2024-06-01T11:00:00Z
+
+Prints one line per chart with the number of series and points drawn; exits 1 when no chart
+got any data (wrong URL, wrong range, or Prometheus does not scrape the workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+
+import matplotlib.dates as mdates  # noqa: E402 (after choosing the backend)
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+
+from stream_kpis.alerts import Target, goal_text, kpi_selector, load_targets  # noqa: E402
+from stream_kpis.timebase import parse_duration  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = REPO / ".local" / "charts"
+DEFAULT_TARGETS = REPO / "deploy" / "targets.toml"
+#: Points per series at most (the step is the range divided by this, at least 1 s).
+MAX_POINTS = 600
+
+
+@dataclass(frozen=True)
+class Line:
+    """One query of a chart: ``kpi`` over ``window``; ``legend`` names each series
+    (``str.format`` with the series' labels, e.g. ``"{channel}"``)."""
+
+    kpi: str
+    window: str | None
+    legend: str
+
+
+@dataclass(frozen=True)
+class Chart:
+    name: str
+    title: str
+    ylabel: str
+    lines: tuple[Line, ...]
+
+
+CHARTS = (
+    Chart("active_rate", "Active rate (30d)", "share of members", (Line("active_rate", "30d", "30d"),)),
+    Chart("redemption_rate", "Redemption rate (30d)", "share of members",
+          (Line("redemption_rate", "30d", "30d"),)),
+    Chart("churn_rate", "Churn rate (90d)", "share of members", (Line("churn_rate", "90d", "90d"),)),
+    Chart("repeat_purchase_rate", "Repeat purchase rate (30d)", "share of buyers",
+          (Line("repeat_purchase_rate", "30d", "30d"),)),
+    Chart("aov", "Average order value: member vs guest (30d)", "revenue / order",
+          (Line("aov_member", "30d", "member"), Line("aov_guest", "30d", "guest"))),
+    Chart("points_liability", "Points liability", "points", (Line("points_liability", None, "points"),)),
+    Chart("nps", "NPS (30d)", "NPS (-100..100)", (Line("nps", "30d", "30d"),)),
+    Chart("new_members", "New members by channel (30d)", "members",
+          (Line("new_members", "30d", "{channel}"),)),
+)  # fmt: skip
+
+
+@dataclass
+class Series:
+    legend: str
+    times: list[datetime]
+    values: list[float]
+
+
+class Prometheus:
+    """The HTTP API of one Prometheus (``url`` without the ``/api/...`` part)."""
+
+    def __init__(self, url: str, timeout: float = 30) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
+        """The matrix result of ``expr``; raises ``RuntimeError`` with Prometheus's message."""
+        params = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": step})
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/query_range?{params}",
+                                        timeout=self.timeout) as response:
+                answer = json.load(response)
+        except urllib.error.HTTPError as error:
+            answer = json.load(error)
+        except OSError as error:
+            raise RuntimeError(f"cannot reach Prometheus at {self.url}: {error}") from None
+        if answer.get("status") != "success":
+            raise RuntimeError(f"Prometheus rejected {expr!r}: {answer.get('error')}")
+        return answer["data"]["result"]
+
+
+def fetch(prometheus: Prometheus, chart: Chart, start: float, end: float, step: float
+          ) -> list[Series]:
+    """Every series of every line of ``chart`` over [start, end]."""
+    found = []
+    for line in chart.lines:
+        for result in prometheus.query_range(kpi_selector(line.kpi, line.window), start, end, step):
+            legend = line.legend.format_map(_Missing(result["metric"]))
+            times = [datetime.fromtimestamp(float(t), UTC) for t, _ in result["values"]]
+            found.append(Series(legend, times, [float(v) for _, v in result["values"]]))
+    return sorted(found, key=lambda s: s.legend)
+
+
+class _Missing(dict):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def goals_of(chart: Chart, targets: Sequence[Target]) -> list[Target]:
+    """Absolute goals on one of the chart's (unlabelled) lines."""
+    wanted = {(line.kpi, line.window) for line in chart.lines if "{" not in line.legend}
+    return [t for t in targets
+            if t.kind == "absolute" and not t.labels and (t.kpi, t.window) in wanted]
+
+
+def draw(ax: Axes, chart: Chart, series: list[Series], goals: list[Target],
+         start: float, end: float) -> None:
+    for one in series:
+        ax.plot(one.times, one.values, label=one.legend, linewidth=1.6)
+    for goal in goals:
+        ax.axhline(goal.bound, linestyle="--", linewidth=1, color="tab:red",
+                   label=f"goal: {goal_text(goal)}")
+    ax.set_title(chart.title)
+    ax.set_ylabel(chart.ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.set_xlim(datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC))
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=UTC))
+    ax.tick_params(axis="x", labelrotation=30)
+    if series:
+        ax.legend(loc="best", fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center",
+                color="grey", fontsize="large")
+
+
+def render(prometheus: Prometheus, output: Path, start: float, end: float,
+           targets: Sequence[Target] = ()) -> dict[str, tuple[int, int]]:
+    """Write the PNGs; returns chart name -> (series, points)."""
+    output.mkdir(parents=True, exist_ok=True)
+    step = max(1.0, (end - start) / MAX_POINTS)
+    drawn = {chart: fetch(prometheus, chart, start, end, step) for chart in CHARTS}
+    span = (f"{datetime.fromtimestamp(start, UTC):%Y-%m-%d %H:%M:%S} .. "
+            f"{datetime.fromtimestamp(end, UTC):%H:%M:%S} UTC, wall-clock time of the scrapes")
+    columns = 2
+    overview, axes = plt.subplots(-(-len(CHARTS) // columns), columns,
+                                  figsize=(7 * columns, 3.6 * -(-len(CHARTS) // columns)),
+                                  squeeze=False)
+    for ax, (chart, series) in zip(axes.flat, drawn.items(), strict=False):
+        draw(ax, chart, series, goals_of(chart, targets), start, end)
+    for ax in list(axes.flat)[len(CHARTS):]:
+        ax.set_visible(False)
+    overview.suptitle(f"Loyalty KPIs from Prometheus: {span}")
+    overview.tight_layout()
+    overview.savefig(output / "overview.png", dpi=100)
+    plt.close(overview)
+    summary = {}
+    for chart, series in drawn.items():
+        figure, ax = plt.subplots(figsize=(8, 4.2))
+        draw(ax, chart, series, goals_of(chart, targets), start, end)
+        ax.set_xlabel(span)
+        figure.tight_layout()
+        figure.savefig(output / f"{chart.name}.png", dpi=100)
+        plt.close(figure)
+        summary[chart.name] = (len(series), sum(len(s.values) for s in series))
+    return summary
+
+
+def _instant(text: str) -> float:
+    """Unix seconds from ``1718000000`` or RFC 3339 (``2024-06-10T06:13:20Z``)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither unix seconds nor RFC 3339") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset; add Z or +hh:mm")
+    return moment.timestamp()
+
+
+def _seconds(text: str) -> float:
+    try:
+        return parse_duration(text) / 1000
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("url", help="Prometheus base URL, e.g. http://127.0.0.1:9090")
+    parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT,
+                        help=f"directory for the PNGs (default {DEFAULT_OUTPUT.relative_to(REPO)})")
+    parser.add_argument("--since", type=_seconds, default=_seconds("30m"),
+                        help="range ending at --end (default 30m)")
+    parser.add_argument("--start", type=_instant, help="range start (overrides --since)")
+    parser.add_argument("--end", type=_instant, help="range end (default now)")
+    parser.add_argument("--targets", type=Path, default=DEFAULT_TARGETS,
+                        help="targets file whose absolute goals are drawn ('' for none)")
+    args = parser.parse_args(argv)
+    end = args.end if args.end is not None else time.time()
+    start = args.start if args.start is not None else end - args.since
+    if start >= end:
+        parser.error("the range is empty: --start must be before --end")
+    targets = load_targets(args.targets).targets if str(args.targets) not in ("", ".") else ()
+    try:
+        summary = render(Prometheus(args.url), args.output, start, end, targets)
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for name, (series, points) in summary.items():
+        print(f"{args.output / (name + '.png')}: {series} series, {points} points")
+    print(f"{args.output / 'overview.png'}: all charts")
+    if not any(series for series, _ in summary.values()):
+        print("error: no chart got any data; check the URL, the range and that Prometheus "
+              'scrapes the workers as job="stream-kpis"', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
