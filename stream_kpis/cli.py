@@ -199,16 +199,32 @@ _config_option = click.option("--config", "config_path", type=click.Path(dir_oka
                               envvar="STREAM_KPIS_CONFIG", help="TOML settings file.")
 
 
+_targets_option = click.option("--targets", type=click.Path(dir_okay=False, path_type=Path),
+                               default=Path("deploy/targets.toml"), show_default=True,
+                               help="KPI targets (goals) file.")
+
+
+def _output_option(help_text: str) -> Any:
+    return click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+                        default=None, help=help_text)
+
+
+def _write_or_echo(text: str, output: Path | None) -> None:
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+
+
 @cli.group()
 def alerts() -> None:
     """KPI targets -> Prometheus alerting rules."""
 
 
 @alerts.command("render")
-@click.option("--targets", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("deploy/targets.toml"), show_default=True)
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Rule file to write (default stdout).")
+@_targets_option
+@_output_option("Rule file to write (default stdout).")
 @_config_option
 def alerts_render(targets: Path, output: Path | None, config_path: Path | None) -> None:
     """Render Prometheus alerting rules from a targets TOML file.
@@ -218,12 +234,7 @@ def alerts_render(targets: Path, output: Path | None, config_path: Path | None) 
     from .alerts import render_to_yaml
 
     windows = load_settings(config_path).windows_ms if config_path is not None else None
-    text = render_to_yaml(targets, known_windows=windows)
-    if output is None:
-        click.echo(text, nl=False)
-    else:
-        output.write_text(text, encoding="utf-8")
-        click.echo(f"wrote {output}", err=True)
+    _write_or_echo(render_to_yaml(targets, known_windows=windows), output)
 
 
 @cli.command()
@@ -326,20 +337,13 @@ def dashboard() -> None:
 
 
 @dashboard.command("render")
-@click.option("--targets", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("deploy/targets.toml"), show_default=True)
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Dashboard JSON to write (default stdout).")
+@_targets_option
+@_output_option("Dashboard JSON to write (default stdout).")
 def dashboard_render(targets: Path, output: Path | None) -> None:
     """Render the Grafana dashboard JSON with the targets drawn as thresholds."""
     from .dashboard import render_dashboard_json
 
-    text = render_dashboard_json(targets)
-    if output is None:
-        click.echo(text, nl=False)
-    else:
-        output.write_text(text, encoding="utf-8")
-        click.echo(f"wrote {output}", err=True)
+    _write_or_echo(render_dashboard_json(targets), output)
 
 
 def main(argv: list[str] | None = None) -> None:

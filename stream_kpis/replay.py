@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import heapq
 import io
-import tomllib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import orjson
 from .core import Processor, evaluate_kpis
 from .events import EVENT_TYPES, DeadLetter, Event, EventParser
 from .exceptions import ConfigError, InputFileError
-from .settings import Settings
+from .settings import Settings, read_toml
 from .timebase import parse_rfc3339_ms
 
 __all__ = ["Source", "load_sources", "source_for_path", "read_source", "replay", "ReplayResult"]
@@ -56,12 +55,7 @@ def _where(config: Path, index: int) -> str:
 def load_sources(config_path: str | Path) -> list[Source]:
     """The ``[[replay.sources]]`` entries of a config file; paths relative to the file."""
     config_path = Path(config_path)
-    try:
-        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {config_path} not found: check the path") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
+    data = read_toml(config_path)
     entries = data.get("replay", {}).get("sources", [])
     if not isinstance(entries, list):
         raise ConfigError(f"{config_path}: write sources as [[replay.sources]] tables")

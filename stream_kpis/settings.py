@@ -18,7 +18,7 @@ from typing import Any
 from .exceptions import ConfigError
 from .timebase import duration_label, parse_duration
 
-__all__ = ["Settings", "Topics", "load_settings", "DEFAULT_LEXICONS", "ENV"]
+__all__ = ["Settings", "Topics", "load_settings", "read_toml", "DEFAULT_LEXICONS", "ENV"]
 
 DAY_MS = 86_400_000
 
@@ -310,15 +310,19 @@ def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] 
         raise ConfigError(f"{where}{exc}") from None
 
 
-def settings_from_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """Settings fields from a TOML file (``[replay]`` is left to the replay module)."""
-    path = Path(path)
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """A config file's content; ConfigError naming the file when it is missing or not TOML."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found: check the path") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def settings_from_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """Settings fields from a TOML file (``[replay]`` is left to the replay module)."""
+    data = read_toml(path)
     values: dict[str, Any] = {"source_path": str(path)}
     try:
         values.update(_kpi_settings(data.get("kpis", {})))

@@ -13,7 +13,7 @@
 #         the slf4j-api and log4j-core versions that Kafka itself pulls in.
 # State:  ${STREAM_KPIS_LOCAL:-<repo>/.local}/kafka/{server.properties,log4j2.properties,
 #         data/,logs/server.log,logs/kafka.out,kafka.pid} (git-ignored).
-# Env:    KAFKA_VERSION (4.1.1), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
+# Env:    KAFKA_VERSION (4.1.1), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9193; 9093 is Alertmanager's),
 #         KAFKA_HEAP_OPTS ("-Xms512m -Xmx1g"), KAFKA_START_TIMEOUT (90 s),
 #         KAFKA_STOP_TIMEOUT (30 s), KAFKA_NUM_PARTITIONS (4),
 #         KAFKA_SASL_PORT (unset = no SASL listener), KAFKA_SASL_USER (stream-kpis),
@@ -26,7 +26,7 @@ source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
 KAFKA_PORT="${KAFKA_PORT:-9092}"
-KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9193}"
 KAFKA_SASL_PORT="${KAFKA_SASL_PORT:-}"
 KAFKA_SASL_USER="${KAFKA_SASL_USER:-stream-kpis}"
 KAFKA_SASL_PASSWORD="${KAFKA_SASL_PASSWORD:-stream-kpis-secret}"
