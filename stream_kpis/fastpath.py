@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import faust
@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 #: faust-streaming versions whose ``Consumer._drain_messages`` this replaces (see the guard test).
 SUPPORTED_FAUST = ("0.15.",)
 
-#: handler(records by TP) -> None; records are aiokafka ConsumerRecords (topic, partition, offset,
-#: key, value, timestamp), in offset order per TP.
-BatchHandler = Callable[[Mapping[Any, Sequence[Any]]], None]
+#: await handler(records by TP); records are aiokafka ConsumerRecords (topic, partition, offset,
+#: key, value, timestamp), in offset order per TP. The offsets are acked when it returns.
+BatchHandler = Callable[[Mapping[Any, Sequence[Any]]], Awaitable[None]]
 
 _ORIGINAL = consumer_module.Consumer._drain_messages
 _handlers: dict[str, BatchHandler] = {}
@@ -116,7 +116,7 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # noqa: C901 (one l
                 handler = handlers[topic]
                 by_handler.setdefault(id(handler), (handler, {}))[1].update(tps)
             for handler, tps in by_handler.values():
-                handler(tps)
+                await handler(tps)
                 if app.consumer_generation_id != generation or self.suspend_flow.is_set():
                     break  # a rebalance started: do not ack, these are fetched again later
                 for tp, tp_records in tps.items():

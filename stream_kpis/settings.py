@@ -38,6 +38,7 @@ ENV = {
     "topic_prefix": "STREAM_KPIS_TOPIC_PREFIX",
     "partitions": "STREAM_KPIS_PARTITIONS",
     "replication": "STREAM_KPIS_REPLICATION",
+    "fast_path": "STREAM_KPIS_FAST_PATH",
     "kafka_security_protocol": "STREAM_KPIS_KAFKA_SECURITY_PROTOCOL",
     "kafka_sasl_mechanism": "STREAM_KPIS_KAFKA_SASL_MECHANISM",
     "kafka_username": "STREAM_KPIS_KAFKA_USERNAME",
@@ -138,6 +139,7 @@ class Settings:
     partitions: int = 4
     replication: int = 1  # replication factor of the topics we create, changelogs included
     store: str = "rocksdb://"
+    fast_path: bool = True  # input batches straight from Faust's consumer (stream_kpis.fastpath)
     data_dir: str = ".local/worker"
     emit_interval_s: float = 10.0
     web_host: str = "127.0.0.1"
@@ -284,6 +286,11 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
                 out[key] = int(env[ENV[key]])
             except ValueError:
                 raise ConfigError(f"{ENV[key]} must be an integer, got {env[ENV[key]]!r}") from None
+    if env.get(ENV["fast_path"]):
+        value = env[ENV["fast_path"]].lower()
+        if value not in ("on", "off", "1", "0", "true", "false"):
+            raise ConfigError(f"{ENV['fast_path']} must be on or off, got {value!r}")
+        out["fast_path"] = value in ("on", "1", "true")
     if env.get(ENV["emit_interval"]):
         out["emit_interval_s"] = _duration("env", ENV["emit_interval"], env[ENV["emit_interval"]]) / 1000
     if env.get(ENV["topic_prefix"]):
