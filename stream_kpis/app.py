@@ -15,11 +15,22 @@ Data flow (see docs/production.md):
 
 ``faust -A stream_kpis.app worker -l info`` works as Faust users expect; ``stream-kpis worker``
 does the same with our settings.
+
+Delivery (docs/reliability.md): at-least-once from Kafka, exactly-once KPIs. A batch's events are
+acknowledged -- and so become committable -- only after everything the batch produced (changelog
+records, dead letters, signals) has been acknowledged by the broker; each persisted record
+carries the input offsets it includes, so a record delivered again after a crash is recognised
+("redelivered") and changes nothing twice. An unexpected error while applying a batch stops the
+worker without acknowledging it (exit code 70), rather than letting Faust acknowledge a batch
+that was never applied.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import sys
 import time
 import weakref
 from collections.abc import Iterator, MutableMapping
@@ -29,10 +40,12 @@ from typing import Any
 import faust
 import orjson
 from faust.streams import _current_event
+from faust.tables.recovery import Recovery
 from prometheus_client import CollectorRegistry
 
+from . import fastpath
 from .core import DUPLICATE, REDELIVERED, PartitionStore, Processor, evaluate_kpis, member_status
-from .events import DeadLetter, EventParser
+from .events import SURVEY, DeadLetter, Event, EventParser
 from .kpis import KPI_TOPICS, Aggregates
 from .metrics import CONTENT_TYPE_LATEST, KpiCollector, WorkerMetrics, render_latest
 from .settings import Settings, load_settings
@@ -44,6 +57,78 @@ log = logging.getLogger(__name__)
 
 _TICK = b"__tick__"
 _HISTORY = b"__churn_history__"
+#: Exit code of a worker that stopped on an internal error without acknowledging its batch.
+EXIT_INTERNAL_ERROR = 70
+#: aiokafka loggers that repeat one line thousands of times a second while the broker is away.
+_NOISY_LOGGERS = ("aiokafka", "aiokafka.consumer.fetcher",
+                  "aiokafka.consumer.group_coordinator", "aiokafka.producer.sender")
+
+
+class _Throttle(logging.Filter):
+    """Lets through the first record of each message and then one per ``interval`` seconds,
+    saying how many were held back. aiokafka's producer retries metadata without a back-off
+    while the broker is unreachable: a 10 s outage wrote 60,000 ERROR lines."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self.last: dict[tuple[str, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        last, held = self.last.get(key, (-self.interval, 0))
+        if now - last < self.interval:
+            self.last[key] = (last, held + 1)
+            return False
+        self.last[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} more like this in the last {self.interval:.0f} s)"
+        return True
+
+
+for _name in _NOISY_LOGGERS:
+    logging.getLogger(_name).addFilter(_Throttle())
+
+
+def _seek_before_resuming(recovery: type) -> None:
+    """Make Faust resume the input partitions only after seeking them to the committed offsets.
+
+    After an assignment faust-streaming 0.15 resumes the partitions first and seeks second: the
+    records fetched in between are delivered, then the seek moves the consumer's read offset
+    back, and its fetch loop either delivers them again or, when its gap filling takes the
+    difference for compacted-away offsets, acknowledges records no agent has seen, which the
+    next commit loses (10 runs of tests/integration/test_faults.py's kill test: records twice
+    in 3, records lost in 1; faust-streaming issues #216, #596). With the resume held back
+    until the seek is done, the first record delivered is the committed one (10 of 10 runs).
+    """
+    for name in ("on_recovery_completed", "_resume_streams"):
+        original = getattr(recovery, name)
+
+        @functools.wraps(original)
+        async def seek_then_resume(self: Any, *args: Any, _original: Any = original,
+                                   **kwargs: Any) -> Any:
+            consumer = self.app.consumer
+            held: list[Any] = []
+            resume, seek = consumer.resume_partitions, consumer.perform_seek
+
+            async def perform_seek() -> None:
+                await seek()
+                while held:
+                    resume(held.pop())
+
+            consumer.resume_partitions, consumer.perform_seek = held.append, perform_seek
+            try:
+                return await _original(self, *args, **kwargs)
+            finally:
+                del consumer.resume_partitions, consumer.perform_seek
+                while held:  # no seek happened (e.g. a new rebalance began): as Faust would
+                    resume(held.pop())
+
+        setattr(recovery, name, seek_then_resume)
+
+
+_seek_before_resuming(Recovery)
 
 
 @contextmanager
@@ -57,6 +142,16 @@ def _in_partition(event: Any) -> Iterator[None]:
         yield
     finally:
         _current_event.reset(token)
+
+
+class _Record:
+    """A fetched record in the shape of a Faust event (``.message``), so that the table context
+    and handle_batch work the same on the fast path."""
+
+    __slots__ = ("message", "__weakref__")
+
+    def __init__(self, record: Any) -> None:
+        self.message = record
 
 
 class _TableMembers(MutableMapping):
@@ -113,14 +208,22 @@ def faust_app_kwargs(settings: Settings) -> dict[str, Any]:
         "web_host": settings.web_host,
         "web_port": settings.web_port,
         "topic_partitions": settings.partitions,
-        "topic_replication_factor": 1,
+        "topic_replication_factor": settings.replication,
         "consumer_auto_offset_reset": "earliest",
-        "stream_buffer_maxsize": 16_384,
-        "broker_max_poll_records": 5_000,
+        # buffer far above the poll size: Faust sleeps a whole second when every partition's
+        # buffer is under pressure (benchmarks/README.md)
+        "stream_buffer_maxsize": 131_072,
+        "broker_max_poll_records": 10_000,
         "producer_linger": 0.02,
         "producer_max_batch_size": 262_144,
         "table_standby_replicas": 0,
         "web_in_thread": False,
+        # A worker that dies without leaving the group (kill -9, OOM, lost host) holds its
+        # partitions until the broker gives up on its session; Faust's default of 60 s stalls
+        # those partitions -- and a restarted worker's join -- for a minute. Heartbeats every 3 s.
+        # Faust's BROKER_SESSION_TIMEOUT / BROKER_HEARTBEAT_INTERVAL env vars override these.
+        "broker_session_timeout": 10.0,
+        "broker_heartbeat_interval": 3.0,
     }
     if settings.kafka_security_protocol != "PLAINTEXT":
         if settings.kafka_sasl_mechanism:
@@ -189,7 +292,12 @@ class Pipeline:
         @app.agent(self.inputs, name="ingest")
         async def ingest(stream: Any) -> None:
             async for events in stream.take_events(5_000, within=0.1):
-                self.handle_batch(events)
+                try:
+                    self.handle_batch(events)
+                except Exception:
+                    _stop_unacknowledged("applying a batch of input events failed")
+                # take_events acknowledges the batch when the loop asks for the next one
+                await self._wait_produced()
 
         @app.agent(self.partials_topic, name="combine")
         async def combine(stream: Any) -> None:
@@ -208,11 +316,45 @@ class Pipeline:
 
         app.on_partitions_revoked.connect(self._on_revoked)
         app.on_partitions_assigned.connect(self._on_assigned)
+        app.on_before_shutdown.connect(self._on_shutdown)
         self.agents = (ingest, combine, tick, metrics_page)
+        if self.settings.fast_path:
+            # input records skip Faust's per-message streams (``ingest`` then stays idle, but keeps
+            # the input topics in the consumer group's subscription)
+            fastpath.install({topic: self._fast_batch for topic in self.topic_types})
+
+    async def _fast_batch(self, records: Any) -> None:
+        """One fetch of input records from the fast path: apply, then wait until everything it
+        produced is acknowledged by the broker; the fast path acks the offsets after this."""
+        try:
+            self.handle_batch([_Record(record) for batch in records.values() for record in batch])
+        except Exception:
+            _stop_unacknowledged("applying a batch of input events failed")
+        await self._wait_produced()
+
+    async def _wait_produced(self) -> None:
+        """Until the broker has acknowledged everything sent so far (table changelogs, DLQ).
+
+        Faust commits acknowledged offsets after a producer flush that gives up when its buffer
+        makes no progress for 0.1 s (a slow or restarting broker), so a commit could otherwise
+        overtake the changelog records of the events it covers; a crash then loses them.
+        While the broker is away this waits, which holds back the batch: backpressure.
+        """
+        producer = self.app.producer
+        while producer.buffer.size:
+            await producer.buffer.flush()
+        await producer.flush()
+
+    async def _on_shutdown(self, sender: Any, **_: Any) -> None:
+        """Stopping (SIGTERM): the consumer has committed and the tables are flushed; write what
+        the read model still holds, which would otherwise wait for the next timer tick."""
+        if self.readmodel is not None:
+            await self.readmodel.flush()
 
     async def _on_revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
         self.metrics.assigned_partitions.set(0)
         for tp in revoked:
+            self.positions.pop((tp.topic, tp.partition), None)
             if tp.topic in self.topic_types:
                 self.processors.pop(tp.partition, None)
                 self.last_event.pop(tp.partition, None)
@@ -281,12 +423,13 @@ class Pipeline:
                 for event in group:
                     self._apply(processor, event.message, now_ms, counts)
                 self._flush(partition, processor)
+            if processor.max_ts is not None:  # one sample per partition and batch: newest event
+                self.metrics.observe_event_lag(max(0.0, time.time() - processor.max_ts / 1000))
         for (topic, outcome), n in counts.items():
             if outcome == DUPLICATE:
                 self.metrics.count_duplicates(topic, n)
             elif outcome == REDELIVERED:
-                # not in metrics.EVENT_OUTCOMES (yet): count it on the counter directly
-                self.metrics.events.labels(topic, REDELIVERED).inc(n)
+                self.metrics.count_redelivered(topic, n)
             else:
                 self.metrics.count_applied(topic, n)
         self.metrics.observe_batch(time.perf_counter() - started)
@@ -294,7 +437,12 @@ class Pipeline:
     def _apply(self, processor: Processor, message: Any, now_ms: int | None,
                counts: dict[tuple[str, str], int]) -> None:
         topic = message.topic
-        self.positions[(topic, message.partition)] = message.offset
+        position = (topic, message.partition)
+        if message.offset <= self.positions.get(position, -1):
+            # Faust delivered this record again while we still own the partition (a consumer
+            # seek racing its fetch loop): this worker has applied it already
+            return
+        self.positions[position] = message.offset
         item = self.parser.parse(message.value or b"", self.topic_types[topic], now_ms)
         if item.__class__ is not DeadLetter and message.key != item.partition_key.encode():
             item = DeadLetter("wrong_key", "the Kafka message key must be the member_id (the "
@@ -307,6 +455,28 @@ class Pipeline:
             return
         outcome = processor.process(item, (topic, message.offset))
         counts[(topic, outcome)] = counts.get((topic, outcome), 0) + 1
+        if outcome != DUPLICATE:
+            self._persist_again(processor, item, outcome)
+
+    def _persist_again(self, processor: Processor, event: Event, outcome: str) -> None:
+        """Write the tables' records of this event again at the next flush.
+
+        After a crash the local store (RocksDB) may hold writes whose changelog records never
+        reached the broker: the process died between the two. Their events were not
+        acknowledged, so they come again -- and find their effects already in the local state
+        (``redelivered``, or their bucket sums already counted), so nothing would be written
+        and the changelog, which the partition's next owner recovers from, would stay without
+        them. Writing the current records again closes that gap; normally the bucket is
+        written anyway and this costs nothing.
+        """
+        processor.changed_buckets.add(event.ts // self.settings.bucket_ms)
+        if outcome != REDELIVERED:
+            return
+        if event.member_id is not None and event.type != SURVEY:
+            processor.members[event.member_id] = processor.members[event.member_id]
+        else:
+            # the de-duplication key of events without member state (core.Processor)
+            processor.changed_seen.add(f"{event.type[0]}|{event.member_id or ''}|{event.event_id}")
 
     def _flush(self, partition: int, processor: Processor) -> None:
         """Write what changed in this partition to its tables (inside its partition context)."""
@@ -432,6 +602,22 @@ class Pipeline:
         self.metrics.record_kpi_emission()
         self.last_emit = time.monotonic()
         return records
+
+
+def _stop_unacknowledged(what: str) -> None:
+    """Log the error and exit at once: no acknowledgement, no commit, no shutdown hooks.
+
+    Faust would acknowledge the failed batch (take_events does so on the way out) and commit
+    it at shutdown or when the agent restarts, losing the events. Exiting like a crash leaves
+    them uncommitted: the next worker gets them again, and the state records' input offsets
+    make that redelivery exact. Bad input never gets here (it goes to the DLQ); this is a bug
+    or a broken environment, so a restart loop is visible rather than silent data loss.
+    """
+    log.critical("%s; stopping the worker without committing (exit code %d) so that the batch "
+                 "is delivered again after a restart", what, EXIT_INTERNAL_ERROR, exc_info=True)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(EXIT_INTERNAL_ERROR)
 
 
 def create_app(settings: Settings | None = None) -> faust.App:

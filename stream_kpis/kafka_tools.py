@@ -5,6 +5,8 @@ Kept out of the core: nothing here computes a KPI.
 
 from __future__ import annotations
 
+import logging
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -13,7 +15,7 @@ import orjson
 
 from .exceptions import ConfigError, StreamKpisError
 from .replay import Source, _csv_rows
-from .settings import Settings
+from .settings import ENV, Settings
 
 __all__ = ["bootstrap_servers", "client_config", "create_topics", "check_copartitioning",
            "produce_sources", "tail", "event_key"]
@@ -37,16 +39,62 @@ def client_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+#: How long a command waits for the broker before saying it cannot reach it.
+ADMIN_TIMEOUT_MS = 15_000
+
+
+class _AuthFailures(logging.Handler):
+    """Notices the authentication failures kafka-python logs (it raises only a timeout)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "AuthenticationFailed" in record.getMessage():
+            self.failed = True
+
+
 def _admin(settings: Settings):
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
+    watcher = _AuthFailures()
+    kafka_log = logging.getLogger("kafka")
+    kafka_log.addHandler(watcher)
     try:
-        return KafkaAdminClient(client_id="stream-kpis-admin", request_timeout_ms=15_000,
-                                **client_config(settings))
+        return KafkaAdminClient(client_id="stream-kpis-admin", request_timeout_ms=ADMIN_TIMEOUT_MS,
+                                bootstrap_timeout_ms=ADMIN_TIMEOUT_MS, **client_config(settings))
     except KafkaError:
-        raise StreamKpisError(f"no Kafka broker at {bootstrap_servers(settings)}: start one "
+        servers = bootstrap_servers(settings)
+        login = (f"user {settings.kafka_username!r} ({settings.kafka_sasl_mechanism}): check "
+                 f"{ENV['kafka_username']} and {ENV['kafka_password']}")
+        if watcher.failed:
+            raise StreamKpisError(f"the Kafka broker at {servers} rejected the credentials of "
+                                  f"{login}") from None
+        if settings.kafka_security_protocol != "PLAINTEXT" and _accepts_connections(servers):
+            # a failed SCRAM exchange often ends in a bare disconnect, not an error reply
+            raise StreamKpisError(
+                f"the Kafka broker at {servers} accepts connections but the "
+                f"{settings.kafka_security_protocol} login failed for {login}, "
+                f"{ENV['kafka_sasl_mechanism']} and {ENV['kafka_security_protocol']} (and "
+                f"{ENV['kafka_ssl_cafile']} for TLS)") from None
+        raise StreamKpisError(f"no Kafka broker at {servers}: start one "
                               "(deploy/local/up kafka) or set STREAM_KPIS_BROKER") from None
+    finally:
+        kafka_log.removeHandler(watcher)
+
+
+def _accepts_connections(servers: str) -> bool:
+    """Whether any of ``host:port,host:port`` accepts a TCP connection."""
+    for server in servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def create_topics(settings: Settings, replication: int = 1) -> list[str]:

@@ -77,6 +77,10 @@ cmd_up() {
         die "prometheus not found: run deploy/local/install-deps.sh (apt-get install -y prometheus)"
     mkdir -p "$PROM_DATA"
     if pid_alive "$PROM_PID" "$PROM_CMD_PATTERN"; then
+        if ! pid_alive "$PROM_PID" "--config.file=$(config_path) "; then
+            log "WARNING: the running Prometheus uses another config file than $(config_path);" \
+                "run '$0 down' and '$0 up' to switch"
+        fi
         wait_ready
         log "Prometheus already running (pid $(<"$PROM_PID")) at $PROM_URL"
         return 0

@@ -24,13 +24,19 @@ import subprocess
 import time
 import urllib.request
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from kafka import KafkaAdminClient
-from kafka.admin import NewTopic
-from kafka.errors import KafkaError
+
+# kafka-python 3.0 loads its protocol schemas with the deprecated importlib.resources.read_text
+# at import time (~200 DeprecationWarnings); they say nothing about this project.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import KafkaError
 
 __all__ = ["unique_topic_prefix"]
 

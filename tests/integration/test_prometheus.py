@@ -323,9 +323,7 @@ def test_dashboard_queries_run_and_find_data(deployment: Deployment) -> None:
 
 @pytest.mark.parametrize("histogram", [
     "stream_kpis_processing_seconds",
-    pytest.param("stream_kpis_event_lag_seconds", marks=pytest.mark.xfail(
-        strict=True, reason="stream_kpis/app.py never calls WorkerMetrics.observe_event_lag, so "
-        "the histogram stays at zero and its quantiles are NaN")),
+    "stream_kpis_event_lag_seconds",
 ])  # fmt: skip
 def test_latency_panels_draw_a_line(deployment: Deployment, histogram: str) -> None:
     """histogram_quantile over rate() is a number only when the buckets rose between scrapes;
