@@ -296,7 +296,10 @@ def test_sigterm_commits_flushes_and_restarts_exactly(tmp_path, kafka_bootstrap,
         shutdown_s = time.monotonic() - started
         assert shutdown_s < SHUTDOWN_BOUND_S, shutdown_s
         committed = stack.committed_offsets()
-        assert sum(committed.values()) >= len(messages) // 3
+        # everything acknowledged is committed; the batch being applied at SIGTERM is not
+        # acknowledged (at 400 records/s one fetch holds a few hundred records)
+        in_flight = 1_000
+        assert sum(committed.values()) >= len(messages) // 3 - in_flight
         # every member of the committed records reached Redis at shutdown (no tick ran)
         stored = {key.decode().removeprefix(f"{prefix}member:")
                   for key in client.keys(f"{prefix}member:*")}
