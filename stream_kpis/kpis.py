@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping
+from itertools import accumulate
 from typing import Any
 
 import orjson
@@ -200,19 +201,15 @@ class _Ranges:
     __slots__ = ("keys", "prefix", "K")
 
     def __init__(self, hist: Mapping[int, float], K: int, clamp: bool = True) -> None:
+        keys = sorted(hist)
+        values = [hist[key] for key in keys]
         if clamp:
-            clamped: dict[int, float] = {}
-            for key, value in hist.items():
-                k = key if key < K else K
-                clamped[k] = clamped.get(k, 0) + value
-        else:
-            clamped = dict(hist)
-        self.keys = sorted(clamped)
-        self.prefix = [0]
-        running = 0
-        for key in self.keys:
-            running += clamped[key]
-            self.prefix.append(running)
+            cut = bisect_left(keys, K)
+            if cut < len(keys):  # buckets at or after K all count as K
+                keys[cut:] = [K]
+                values[cut:] = [sum(values[cut:])]
+        self.keys = keys
+        self.prefix = [0, *accumulate(values)]
         self.K = K
 
     def between(self, lo: int, hi: int) -> float:
