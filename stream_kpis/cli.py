@@ -71,6 +71,18 @@ def print_kpi_table(records: Iterable[dict[str, Any]], title: str, console: Any 
         console.print(table)
 
 
+def _sources(files: tuple[Path, ...], config_path: Path | None) -> list:
+    """The files named on the command line plus the config's [[replay.sources]]."""
+    from .replay import load_sources, source_for_path
+
+    sources = [source_for_path(path) for path in files]
+    if config_path is not None:
+        sources += load_sources(config_path)
+    if not sources:
+        raise click.UsageError("name at least one FILE, or a --config with [[replay.sources]]")
+    return sources
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="stream-kpis")
 def cli() -> None:
@@ -98,15 +110,10 @@ def replay(files: tuple[Path, ...], config_path: Path | None, output: str, every
     FILES are JSON Lines (one event per line with a "type" field) or CSV with our column names;
     mapped CSV exports are listed in the config's [[replay.sources]].
     """
-    from .replay import load_sources, source_for_path
     from .replay import replay as run_replay
 
     settings = load_settings(config_path)
-    sources = [source_for_path(path) for path in files]
-    if config_path is not None:
-        sources += load_sources(config_path)
-    if not sources:
-        raise click.UsageError("name at least one FILE, or a --config with [[replay.sources]]")
+    sources = _sources(files, config_path)
     out = sys.stdout.buffer
     closers = []
 
@@ -283,14 +290,9 @@ def topics_create(config_path: Path | None, partitions: int | None, replication:
 def produce(files: tuple[Path, ...], config_path: Path | None, rate: float) -> None:
     """Send JSONL or CSV files (or the config's [[replay.sources]]) to the input topics."""
     from .kafka_tools import produce_sources
-    from .replay import load_sources, source_for_path
 
     settings = load_settings(config_path)
-    sources = [source_for_path(path) for path in files]
-    if config_path is not None:
-        sources += load_sources(config_path)
-    if not sources:
-        raise click.UsageError("name at least one FILE, or a --config with [[replay.sources]]")
+    sources = _sources(files, config_path)
     sent = produce_sources(sources, settings, rate)
     click.echo(f"produced {sent} events", err=True)
 
