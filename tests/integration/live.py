@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stream_kpis.events import DeadLetter, EventParser
 from stream_kpis.kafka_tools import _file_messages, client_config, create_topics, produce_sources
-from stream_kpis.replay import Source, source_for_path
+from stream_kpis.replay import Source, replay, source_for_path
 from stream_kpis.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -523,6 +523,16 @@ def _close(a: Any, b: Any) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
+
+
+def expected_kpis(path: Path, settings: Settings) -> list[dict[str, Any]]:
+    """The KPI records a clean replay of ``path`` gives, which the live worker must publish.
+
+    churn_reduction is left out: it is defined by the evaluation history, which differs between
+    a live worker (every emit interval) and a replay (every bucket).
+    """
+    result = replay([source_for_path(path)], settings)
+    return [r for r in result.records if r["kpi"] != "churn_reduction"]
 
 
 def records_equal(got: dict[str, Any], want: dict[str, Any]) -> bool:

@@ -21,7 +21,7 @@ from stream_kpis.events import Event, EventParser
 from stream_kpis.generate import GeneratorConfig, write_jsonl
 from stream_kpis.readmodel import at_risk_members, read_kpi, read_member
 from stream_kpis.replay import replay, source_for_path
-from tests.integration.live import LiveStack, records_equal
+from tests.integration.live import LiveStack, expected_kpis, records_equal
 
 DAY = 86_400_000
 
@@ -33,17 +33,12 @@ def stream_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _expected(path: Path, settings) -> list[dict]:
-    result = replay([source_for_path(path)], settings)
-    return [r for r in result.records if r["kpi"] != "churn_reduction"]
-
-
 @pytest.fixture(scope="module")
 def one_worker(tmp_path_factory, kafka_bootstrap, redis_url, stream_file):
     stack = LiveStack(tmp_path_factory.mktemp("one"), kafka_bootstrap, redis_url, store="rocksdb://")
     worker = stack.start_worker()
     stack.produce([stream_file])
-    expected = _expected(stream_file, stack.settings)
+    expected = expected_kpis(stream_file, stack.settings)
     latest = stack.wait_for_kpis(expected)
     yield stack, worker, expected, latest
     stack.stop()
@@ -162,7 +157,7 @@ def test_two_workers_give_the_same_kpis_as_one(tmp_path, kafka_bootstrap, stream
             assert time.monotonic() < deadline, stack.logs_tail()
             time.sleep(0.5)
         stack.produce([stream_file])
-        stack.wait_for_kpis(_expected(stream_file, stack.settings))
+        stack.wait_for_kpis(expected_kpis(stream_file, stack.settings))
         exporters = [w.sample("stream_kpis_global_exporter") for w in (first, second)]
         assert sorted(exporters) == [0.0, 1.0], exporters
         applied = [sum(float(line.rsplit(" ", 1)[1]) for line in w.metrics().splitlines()
