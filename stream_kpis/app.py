@@ -261,6 +261,7 @@ class Pipeline:
         self.published_version: dict[int, int] = {}    # partition -> applied count last published
         self.positions: dict[tuple[str, int], int] = {}
         self.partials: dict[int, tuple[int | None, Aggregates]] = {}
+        self.partial_progress: dict[int, int] = {}
         self.churn_history: dict[int, dict[int, tuple[int, int]]] = {}
         self.last_emit = 0.0
         self.last_emitted_state: tuple | None = None
@@ -374,6 +375,7 @@ class Pipeline:
         if exporting != self.exporting:
             log.info("global KPI exporter role: %s", "taken" if exporting else "released")
             self.partials.clear()
+            self.partial_progress.clear()
             self.last_emitted_state = None
         self.exporting = exporting
         self.kpi_gauges.set_exporting(exporting)
@@ -520,8 +522,9 @@ class Pipeline:
                 version = processor.version
                 if self.published_version.get(partition) != version:
                     self.published_version[partition] = version
-                    value = b"%d|" % (processor.max_ts or -1) + processor.aggs.to_bytes()
-                    self.partials_topic.send_soon(key=str(partition).encode(), value=value)
+                    value = b"%d|%d|" % (processor.max_ts or -1, self._progress(partition))
+                    self.partials_topic.send_soon(key=str(partition).encode(),
+                                                  value=value + processor.aggs.to_bytes())
         self.partials_topic.send_soon(key=_TICK, value=b"")
         self._update_gauges()
         if self.readmodel is not None:
@@ -554,17 +557,31 @@ class Pipeline:
             return
         if key == _HISTORY:
             return
-        if key != _TICK:
+        if key != _TICK and self._take_partial(int(key), value):
             self.partials_table[key] = value
-            max_ts, _, data = value.partition(b"|")
-            self.partials[int(key)] = (int(max_ts) if int(max_ts) >= 0 else None,
-                                       Aggregates.from_bytes(data))
         if time.monotonic() - self.last_emit >= self.settings.emit_interval_s or key == _TICK:
             self.emit()
             if self.churn_history:
                 self.partials_table[_HISTORY] = orjson.dumps(
                     [[k, {str(w): v for w, v in snap.items()}] for k, snap in
                      sorted(self.churn_history.items())[-4096:]])
+
+    def _progress(self, partition: int) -> int:
+        """How far this worker has read the partition: the sum over input topics of the next
+        offset. It only grows across owners once a new owner has caught up."""
+        return sum(offset + 1 for (_, part), offset in self.positions.items() if part == partition)
+
+    def _take_partial(self, partition: int, value: bytes) -> bool:
+        """Keep a partition's partial unless it is older than the one held: after a rebalance the
+        previous owner's last partial can arrive after the new owner's, and would otherwise
+        stand until the partition's next change."""
+        max_ts, progress, data = value.split(b"|", 2)
+        if int(progress) < self.partial_progress.get(partition, -1):
+            return False
+        self.partial_progress[partition] = int(progress)
+        self.partials[partition] = (int(max_ts) if int(max_ts) >= 0 else None,
+                                    Aggregates.from_bytes(data))
+        return True
 
     def _load_partials(self) -> None:
         """After taking the exporter role: the latest partial of every partition and the history."""
@@ -573,9 +590,7 @@ class Pipeline:
                 for K, snap in orjson.loads(value):
                     self.churn_history[K] = {int(w): tuple(v) for w, v in snap.items()}
             elif key != _TICK:
-                max_ts, _, data = value.partition(b"|")
-                self.partials[int(key)] = (int(max_ts) if int(max_ts) >= 0 else None,
-                                           Aggregates.from_bytes(data))
+                self._take_partial(int(key), value)
 
     def emit(self) -> list[dict[str, Any]]:
         """Evaluate global KPIs from all partitions' partials and publish them (exporter only)."""
