@@ -47,7 +47,15 @@ from faust.tables.recovery import Recovery
 from prometheus_client import CollectorRegistry
 
 from . import fastpath
-from .core import DUPLICATE, REDELIVERED, PartitionStore, Processor, evaluate_kpis, member_status
+from .core import (
+    DUPLICATE,
+    REDELIVERED,
+    PartitionStore,
+    Processor,
+    evaluate_kpis,
+    member_status,
+    seen_key,
+)
 from .events import SURVEY, DeadLetter, Event, EventParser
 from .kpis import KPI_TOPICS, Aggregates
 from .metrics import CONTENT_TYPE_LATEST, KpiCollector, WorkerMetrics, render_latest
@@ -480,8 +488,7 @@ class Pipeline:
         if event.member_id is not None and event.type != SURVEY:
             processor.members[event.member_id] = processor.members[event.member_id]
         else:
-            # the de-duplication key of events without member state (core.Processor)
-            processor.changed_seen.add(f"{event.type[0]}|{event.member_id or ''}|{event.event_id}")
+            processor.changed_seen.add(seen_key(event))
 
     def _flush(self, partition: int, processor: Processor) -> None:
         """Write what changed in this partition to its tables (inside its partition context)."""

@@ -27,7 +27,7 @@ from .settings import Settings
 from .state import ACTIVE, AT_RISK, CHURNED, MemberState
 from .timebase import format_rfc3339
 
-__all__ = ["Processor", "PartitionStore", "Signal", "evaluate_kpis", "member_status",
+__all__ = ["Processor", "PartitionStore", "Signal", "seen_key", "evaluate_kpis", "member_status",
            "APPLIED", "DUPLICATE", "REDELIVERED"]
 
 Signal = dict[str, Any]
@@ -35,6 +35,11 @@ _REACTIVATED = "reactivated"
 APPLIED, DUPLICATE, REDELIVERED = "applied", "duplicate", "redelivered"
 _MEMBER_SUMS = ("member_revenue", "member_orders", "member_margin", "member_margin_orders")
 _GUEST_SUMS = ("guest_revenue", "guest_orders", "guest_margin", "guest_margin_orders")
+
+
+def seen_key(event: Event) -> str:
+    """The de-duplication key of an event without member state (guest purchase, survey)."""
+    return f"{event.type[0]}|{event.member_id or ''}|{event.event_id}"
 
 
 class Processor:
@@ -99,7 +104,7 @@ class Processor:
         return self._apply_member_event(event, tag, token)
 
     def _seen_without_member(self, event: Event, tag: str | None) -> str | None:
-        key = f"{event.type[0]}|{event.member_id or ''}|{event.event_id}"
+        key = seen_key(event)
         seen = self.seen_without_member
         if key in seen:
             return REDELIVERED if tag is not None and seen[key] == tag else DUPLICATE
