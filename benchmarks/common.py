@@ -309,7 +309,7 @@ def fast_path_supported() -> bool:
     itself (whose error message names the variable) mentions it."""
     package = REPO / "stream_kpis"
     return any("FAST_PATH" in path.read_text(errors="replace")
-               for path in package.glob("*.py") if path.name != "fastpath.py")
+               for path in package.rglob("*.py") if path.name != "fastpath.py")
 
 
 def kafka_version() -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from stream_kpis.core import Processor
-from stream_kpis.events import Event, EventParser
+from stream_kpis.core.events import Event, EventParser
 from stream_kpis.generate import GeneratorConfig, write_jsonl
 from stream_kpis.replay import replay, source_for_path
 from stream_kpis.settings import Settings

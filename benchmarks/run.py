@@ -53,7 +53,7 @@ from common import (  # noqa: E402
 )
 
 from stream_kpis.generate import GeneratorConfig, estimate_event_count, write_jsonl  # noqa: E402
-from stream_kpis.kafka_tools import _file_messages, create_topics  # noqa: E402
+from stream_kpis.live.kafka_tools import _file_messages, create_topics  # noqa: E402
 from stream_kpis.replay import source_for_path  # noqa: E402
 from stream_kpis.settings import Settings, load_settings  # noqa: E402
 
@@ -651,7 +651,7 @@ def child_processor_memory(members: int) -> None:
     import gc
 
     from stream_kpis.core import Processor
-    from stream_kpis.events import EventParser
+    from stream_kpis.core.events import EventParser
 
     parser = EventParser()
     processor = Processor(Settings())
@@ -802,12 +802,13 @@ def machine() -> str:
 
 
 def code_version() -> str:
-    """The commit, and a digest of stream_kpis/*.py as measured (the tree may be uncommitted)."""
+    """The commit, and a digest of stream_kpis/**/*.py as measured (the tree may be uncommitted)."""
     import hashlib
 
     digest = hashlib.sha1()
-    for path in sorted((REPO / "stream_kpis").glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+    package = REPO / "stream_kpis"
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + path.read_bytes())
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=REPO, timeout=10).stdout.strip()
@@ -815,7 +816,7 @@ def code_version() -> str:
                                text=True, cwd=REPO, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "unknown", ""
-    return f"{commit}{' + uncommitted changes' if dirty else ''}, stream_kpis/*.py sha1 " \
+    return f"{commit}{' + uncommitted changes' if dirty else ''}, stream_kpis/**/*.py sha1 " \
            f"{digest.hexdigest()[:12]}"
 
 

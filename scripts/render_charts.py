@@ -36,8 +36,8 @@ import matplotlib.dates as mdates  # noqa: E402 (after choosing the backend)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 
-from stream_kpis.alerts import Target, goal_text, kpi_selector, load_targets  # noqa: E402
-from stream_kpis.timebase import parse_duration  # noqa: E402
+from stream_kpis.core.timebase import parse_duration  # noqa: E402
+from stream_kpis.ops.alerts import Target, goal_text, kpi_selector, load_targets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / ".local" / "charts"

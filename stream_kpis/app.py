@@ -6,7 +6,7 @@ Data flow (see docs/production.md):
   consumer goes straight to :meth:`Pipeline.handle_batch` (:mod:`stream_kpis.fastpath`, ~10x less
   framework CPU per event); with ``STREAM_KPIS_FAST_PATH=off`` the ``ingest`` agent's
   ``take_events`` batches do. Each record is validated with
-  :class:`~stream_kpis.events.EventParser` (bad input -> ``loyalty.dlq``) and applied to one
+  :class:`~stream_kpis.core.events.EventParser` (bad input -> ``loyalty.dlq``) and applied to one
   :class:`~stream_kpis.core.Processor` per partition. At the end of each batch the changed
   member states, bucket sums and de-duplication entries are written to three changelog-backed
   tables, in the partition they belong to.
@@ -56,11 +56,11 @@ from .core import (
     member_status,
     seen_key,
 )
-from .events import SURVEY, DeadLetter, Event, EventParser
-from .kpis import KPI_TOPICS, Aggregates
-from .metrics import CONTENT_TYPE_LATEST, KpiCollector, WorkerMetrics, render_latest
+from .core.events import SURVEY, DeadLetter, Event, EventParser
+from .core.kpis import KPI_TOPICS, Aggregates
+from .core.member import MemberState
+from .live.metrics import CONTENT_TYPE_LATEST, KpiCollector, WorkerMetrics, render_latest
 from .settings import Settings, load_settings
-from .state import MemberState
 
 __all__ = ["Pipeline", "create_app", "app", "faust_app_kwargs"]
 
@@ -276,7 +276,7 @@ class Pipeline:
         self.exporting = False
         self.readmodel = None
         if settings.redis_url:
-            from .readmodel import ReadModel
+            from .live.readmodel import ReadModel
 
             self.readmodel = ReadModel.from_url(settings.redis_url, prefix=settings.redis_prefix,
                                                 on_error=self.metrics.count_redis_error)

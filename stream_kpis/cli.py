@@ -14,9 +14,9 @@ from typing import Any
 import click
 import orjson
 
+from .core.timebase import parse_duration
 from .exceptions import StreamKpisError
 from .settings import load_settings
-from .timebase import parse_duration
 
 __all__ = ["main", "cli"]
 
@@ -51,7 +51,7 @@ def print_kpi_table(records: Iterable[dict[str, Any]], title: str, console: Any 
     from rich.console import Console
     from rich.table import Table
 
-    from .kpis import KPI_TOPICS
+    from .core.kpis import KPI_TOPICS
 
     console = console or Console(width=None if sys.stdout.isatty() else 120)
     console.print(f"[bold]{title}[/bold]")
@@ -161,7 +161,7 @@ def replay(files: tuple[Path, ...], config_path: Path | None, output: str, every
         out.write(b"".join(orjson.dumps(r) + b"\n" for r in result.records))
         out.flush()
     else:
-        from .timebase import as_of_time
+        from .core.timebase import as_of_time
 
         as_of = "no events" if result.as_of_bucket is None else as_of_time(result.as_of_bucket,
                                                                            settings.bucket_ms)
@@ -183,8 +183,8 @@ def replay(files: tuple[Path, ...], config_path: Path | None, output: str, every
               help="Output JSONL file (default stdout).")
 def generate(members: int, days: int, seed: int, start: str | None, output: Path | None) -> None:
     """Write a seeded synthetic loyalty event stream (JSON Lines)."""
+    from .core.timebase import parse_rfc3339_ms
     from .generate import GeneratorConfig, write_jsonl
-    from .timebase import parse_rfc3339_ms
 
     options: dict[str, Any] = {"members": members, "days": days, "seed": seed}
     if start == "now":
@@ -238,7 +238,7 @@ def alerts_render(targets: Path, output: Path | None, config_path: Path | None) 
 
     With --config, a target on a window the workers do not compute is an error.
     """
-    from .alerts import render_to_yaml
+    from .ops.alerts import render_to_yaml
 
     windows = load_settings(config_path).windows_ms if config_path is not None else None
     _write_or_echo(render_to_yaml(targets, known_windows=windows), output)
@@ -254,7 +254,7 @@ def worker(config_path: Path | None, loglevel: str) -> None:
     if config_path is not None:
         os.environ["STREAM_KPIS_CONFIG"] = str(config_path)
     settings = load_settings(config_path)
-    from .kafka_tools import check_copartitioning
+    from .live.kafka_tools import check_copartitioning
 
     check_copartitioning(settings)
     from faust import Worker
@@ -276,7 +276,7 @@ def topics() -> None:
               help="Replication factor (default: the replication setting, 1).")
 def topics_create(config_path: Path | None, partitions: int | None, replication: int | None) -> None:
     """Create the input, DLQ, signal, KPI and changelog topics (existing topics are kept)."""
-    from .kafka_tools import create_topics
+    from .live.kafka_tools import create_topics
 
     settings = _settings(config_path, partitions=partitions, replication=replication)
     created = create_topics(settings, settings.replication)
@@ -289,7 +289,7 @@ def topics_create(config_path: Path | None, partitions: int | None, replication:
 @click.option("--rate", type=float, default=0, help="Events per second (0: as fast as possible).")
 def produce(files: tuple[Path, ...], config_path: Path | None, rate: float) -> None:
     """Send JSONL or CSV files (or the config's [[replay.sources]]) to the input topics."""
-    from .kafka_tools import produce_sources
+    from .live.kafka_tools import produce_sources
 
     settings = load_settings(config_path)
     sources = _sources(files, config_path)
@@ -304,7 +304,7 @@ def produce(files: tuple[Path, ...], config_path: Path | None, rate: float) -> N
 @click.option("--timeout", type=float, default=None, help="Stop after this many idle seconds.")
 def tail(config_path: Path | None, signals: bool, from_beginning: bool, timeout: float | None) -> None:
     """Print KPI records and member signals as they are published."""
-    from .kafka_tools import tail as tail_topics
+    from .live.kafka_tools import tail as tail_topics
 
     settings = load_settings(config_path)
     names = list(settings.topics.kpi_topics().values())
@@ -328,7 +328,7 @@ def tail(config_path: Path | None, signals: bool, from_beginning: bool, timeout:
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
 def demo(members: int, days: int, rate: float, keep_services: bool, duration: float | None) -> None:
     """The live demo: local Kafka + Redis, a worker, a generated stream, KPIs updating live."""
-    from .demo import run_demo
+    from .ops.demo import run_demo
 
     run_demo(members=members, days=days, rate=rate, keep_services=keep_services, duration=duration)
 
@@ -343,7 +343,7 @@ def dashboard() -> None:
 @_output_option("Dashboard JSON to write (default stdout).")
 def dashboard_render(targets: Path, output: Path | None) -> None:
     """Render the Grafana dashboard JSON with the targets drawn as thresholds."""
-    from .dashboard import render_dashboard_json
+    from .ops.dashboard import render_dashboard_json
 
     _write_or_echo(render_dashboard_json(targets), output)
 

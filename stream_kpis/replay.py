@@ -21,10 +21,10 @@ from typing import Any, BinaryIO
 import orjson
 
 from .core import Processor, evaluate_kpis
-from .events import EVENT_TYPES, DeadLetter, Event, EventParser
+from .core.events import EVENT_TYPES, DeadLetter, Event, EventParser
+from .core.timebase import parse_rfc3339_ms
 from .exceptions import ConfigError, InputFileError
 from .settings import Settings, read_toml
-from .timebase import parse_rfc3339_ms
 
 __all__ = ["Source", "load_sources", "source_for_path", "read_source", "replay", "ReplayResult"]
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .core.timebase import duration_label, parse_duration
 from .exceptions import ConfigError
-from .timebase import duration_label, parse_duration
 
 __all__ = ["Settings", "Topics", "load_settings", "read_toml", "DEFAULT_LEXICONS", "ENV"]
 

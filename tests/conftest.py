@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from stream_kpis.core import Processor
-from stream_kpis.events import Event, EventParser
+from stream_kpis.core.events import Event, EventParser
 from stream_kpis.settings import Settings
 
 HOUR_MS = 3_600_000

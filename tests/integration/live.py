@@ -34,8 +34,8 @@ import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_kpis.events import DeadLetter, EventParser
-from stream_kpis.kafka_tools import _file_messages, client_config, create_topics, produce_sources
+from stream_kpis.core.events import DeadLetter, EventParser
+from stream_kpis.live.kafka_tools import _file_messages, client_config, create_topics, produce_sources
 from stream_kpis.replay import Source, replay, source_for_path
 from stream_kpis.settings import Settings, load_settings
 

@@ -28,9 +28,9 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 
 from stream_kpis.core import Processor, member_status
-from stream_kpis.events import Event, EventParser
+from stream_kpis.core.events import Event, EventParser
 from stream_kpis.generate import GeneratorConfig, write_jsonl
-from stream_kpis.readmodel import read_kpi, read_member
+from stream_kpis.live.readmodel import read_kpi, read_member
 from stream_kpis.settings import load_settings
 from tests.integration.live import (
     DUPLICATE,

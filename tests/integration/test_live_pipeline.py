@@ -17,9 +17,9 @@ import pytest
 import redis
 
 from stream_kpis.core import Processor, member_status
-from stream_kpis.events import Event, EventParser
+from stream_kpis.core.events import Event, EventParser
 from stream_kpis.generate import GeneratorConfig, write_jsonl
-from stream_kpis.readmodel import at_risk_members, read_kpi, read_member
+from stream_kpis.live.readmodel import at_risk_members, read_kpi, read_member
 from stream_kpis.replay import replay, source_for_path
 from tests.integration.live import LiveStack, expected_kpis, records_equal
 

@@ -48,12 +48,12 @@ import orjson
 import pytest
 import yaml
 
-from stream_kpis.alerts import ALL_KPIS, JOB, promql_metric_names, rule_queries
-from stream_kpis.dashboard import dashboard_queries
-from stream_kpis.events import DeadLetter, EventParser
+from stream_kpis.core.events import DeadLetter, EventParser
+from stream_kpis.core.timebase import as_of_time
 from stream_kpis.generate import GeneratorConfig, write_jsonl
+from stream_kpis.ops.alerts import ALL_KPIS, JOB, promql_metric_names, rule_queries
+from stream_kpis.ops.dashboard import dashboard_queries
 from stream_kpis.settings import Settings
-from stream_kpis.timebase import as_of_time
 from tests.integration.live import REPO, LiveStack, free_port, wait_until
 
 RULES = REPO / "deploy" / "prometheus" / "rules" / "stream-kpis.rules.yml"

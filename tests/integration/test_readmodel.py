@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from stream_kpis.readmodel import (
+from stream_kpis.live.readmodel import (
     ReadModel,
     at_risk_members,
     read_kpi,
@@ -236,7 +236,7 @@ def test_invalid_member_status_is_rejected_at_enqueue(prefix, bad, message):
 # -- outages ---------------------------------------------------------------------------------
 
 def test_outage_keeps_pending_state_and_catches_up(own_redis, prefix, caplog):
-    caplog.set_level(logging.INFO, logger="stream_kpis.readmodel")
+    caplog.set_level(logging.INFO, logger="stream_kpis.live.readmodel")
     server = own_redis()
     url = f"redis://127.0.0.1:{server.port}/0"
     error_calls = []
@@ -310,7 +310,7 @@ def test_backlog_bound_drops_new_members_and_counts_them(prefix, caplog):
     async def scenario():
         model = ReadModel.from_url(f"redis://127.0.0.1:{free_port()}/0", prefix=prefix,
                                    max_pending_members=3, on_drop=dropped_calls.append)
-        with caplog.at_level(logging.WARNING, logger="stream_kpis.readmodel"):
+        with caplog.at_level(logging.WARNING, logger="stream_kpis.live.readmodel"):
             model.update_members({f"m-{i}": member("active", AS_OF) for i in range(5)})
             assert (model.pending_members, model.dropped_member_updates) == (3, 2)
             # Members already pending keep coalescing past the bound.

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from stream_kpis.generate import GeneratorConfig, write_jsonl
-from stream_kpis.readmodel import read_kpi
+from stream_kpis.live.readmodel import read_kpi
 from stream_kpis.replay import replay, source_for_path
 from tests.integration.live import STREAM_KPIS, LiveStack, LocalBroker, RedisServer, wait_until
 

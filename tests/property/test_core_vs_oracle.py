@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stream_kpis.core import Processor
-from stream_kpis.events import Event, EventParser
+from stream_kpis.core.events import Event, EventParser
 from stream_kpis.settings import Settings
 from tests.oracle import brute_force_kpis
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream_kpis.alerts import (
+from stream_kpis.exceptions import ConfigError
+from stream_kpis.ops.alerts import (
     HEALTH_ALERTS,
     JOB,
     HealthThresholds,
@@ -31,7 +32,6 @@ from stream_kpis.alerts import (
     render_to_yaml,
     rule_queries,
 )
-from stream_kpis.exceptions import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ROOT / "deploy" / "targets.toml"

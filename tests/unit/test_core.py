@@ -11,8 +11,8 @@ import pytest
 from pytest import approx
 
 from stream_kpis.core import APPLIED, DUPLICATE, REDELIVERED, PartitionStore, Processor, evaluate_kpis
-from stream_kpis.state import MemberState
-from stream_kpis.timebase import format_rfc3339
+from stream_kpis.core.member import MemberState
+from stream_kpis.core.timebase import format_rfc3339
 from tests.conftest import B, enrollment, purchase, redemption, survey, to_event
 
 

@@ -19,8 +19,8 @@ import jsonschema
 import pytest
 import yaml
 
-from stream_kpis.alerts import HEALTH_ALERTS, TARGET_NO_DATA_ALERT, load_targets, promql_metric_names
-from stream_kpis.dashboard import DATASOURCE_UID, dashboard_queries, render_dashboard_json
+from stream_kpis.ops.alerts import HEALTH_ALERTS, TARGET_NO_DATA_ALERT, load_targets, promql_metric_names
+from stream_kpis.ops.dashboard import DATASOURCE_UID, dashboard_queries, render_dashboard_json
 from stream_kpis.settings import ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -237,7 +237,7 @@ def test_dockerfile_builds_the_worker_image():
         for source in value[:-1]:
             assert not dockerignore_excludes(source, patterns), f"COPY {source}: excluded by .dockerignore"
     assert dockerignore_excludes(".venv", patterns) and dockerignore_excludes("tests/unit", patterns)
-    assert not dockerignore_excludes("stream_kpis/alerts.py", patterns)
+    assert not dockerignore_excludes("stream_kpis/ops/alerts.py", patterns)
     assert dockerignore_excludes("stream_kpis/__pycache__/x.pyc", patterns)
 
 
@@ -451,7 +451,7 @@ def test_dashboard_queries_use_only_contract_metrics(dashboard):
 
 
 def test_rule_queries_use_only_contract_metrics():
-    from stream_kpis.alerts import rule_queries
+    from stream_kpis.ops.alerts import rule_queries
 
     used = set().union(*(promql_metric_names(q) for q in rule_queries(load_yaml(RULES))))
     assert used <= CONTRACT_METRICS, used - CONTRACT_METRICS
@@ -475,7 +475,7 @@ def test_committed_dashboard_is_up_to_date(monkeypatch):
     monkeypatch.chdir(ROOT)
     assert DASHBOARD.read_text(encoding="utf-8") == render_dashboard_json(Path("deploy/targets.toml")), (
         "deploy/grafana/dashboards/stream-kpis.json is out of date: regenerate it with "
-        "stream_kpis.dashboard.render_dashboard_json('deploy/targets.toml')"
+        "stream_kpis.ops.dashboard.render_dashboard_json('deploy/targets.toml')"
     )
 
 

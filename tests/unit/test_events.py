@@ -1,4 +1,4 @@
-"""Tests of stream_kpis.events: every dead-letter reason the parser produces, valid events of each
+"""Tests of stream_kpis.core.events: every dead-letter reason the parser produces, valid events of each
 type (epoch ms worked out by hand), guests, and the dead-letter record.
 
 Epoch anchors used below, by hand: 2024-01-01T00:00:00Z = 1_704_067_200 s (19_723 days * 86_400).
@@ -11,7 +11,7 @@ import base64
 import orjson
 import pytest
 
-from stream_kpis.events import (
+from stream_kpis.core.events import (
     ENROLLMENT,
     PURCHASE,
     REASONS,

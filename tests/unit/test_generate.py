@@ -1,7 +1,7 @@
 """Tests of the synthetic event stream (stream_kpis.generate).
 
 Every line is checked by a validator written here from SPEC section 1, independently of the
-generator and of stream_kpis.events; counts are recomputed from the lines themselves.
+generator and of stream_kpis.core.events; counts are recomputed from the lines themselves.
 """
 
 from __future__ import annotations

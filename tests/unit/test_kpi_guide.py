@@ -33,7 +33,7 @@ import pytest
 from click.testing import CliRunner
 
 from stream_kpis.cli import cli
-from stream_kpis.kpis import KPI_TOPICS
+from stream_kpis.core.kpis import KPI_TOPICS
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "kpi-guide.md"

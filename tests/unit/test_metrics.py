@@ -1,4 +1,4 @@
-"""Tests of stream_kpis.metrics on a fresh CollectorRegistry per test."""
+"""Tests of stream_kpis.live.metrics on a fresh CollectorRegistry per test."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_kpis.metrics import KPI_HELP, KpiCollector, WorkerMetrics, render_latest
+from stream_kpis.live.metrics import KPI_HELP, KpiCollector, WorkerMetrics, render_latest
 
 AS_OF = "2024-01-31T00:00:00Z"
 

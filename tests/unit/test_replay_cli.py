@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from stream_kpis.cli import cli, main
-from stream_kpis.events import REASONS
+from stream_kpis.core.events import REASONS
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 EVENTS = DATA / "events.jsonl"

@@ -1,4 +1,4 @@
-"""Tests of stream_kpis.state: FIFO point allocation (SPEC 4.1), member fields, persistence and
+"""Tests of stream_kpis.core.member: FIFO point allocation (SPEC 4.1), member fields, persistence and
 the bounded de-duplication memory. Every expected number is worked out in the comments.
 """
 
@@ -8,8 +8,8 @@ import itertools
 
 import pytest
 
-from stream_kpis.events import ENROLLMENT, PURCHASE, REDEMPTION, Event
-from stream_kpis.state import ACTIVE, UNKNOWN, MemberState, allocate_points
+from stream_kpis.core.events import ENROLLMENT, PURCHASE, REDEMPTION, Event
+from stream_kpis.core.member import ACTIVE, UNKNOWN, MemberState, allocate_points
 
 V = 100  # points validity in ms for the allocation examples: a lot earned at t expires at t + 100
 

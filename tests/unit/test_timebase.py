@@ -1,4 +1,4 @@
-"""Tests of stream_kpis.timebase: durations, labels, RFC 3339 timestamps, buckets and clocks.
+"""Tests of stream_kpis.core.timebase: durations, labels, RFC 3339 timestamps, buckets and clocks.
 
 Anchor worked out by hand: 2024-01-01T00:00:00Z = 19_723 days after 1970-01-01
 (54 years, 13 of them leap: 1972 ... 2020) = 1_704_067_200 s; as 1 h buckets, 473_352.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream_kpis.timebase import (
+from stream_kpis.core.timebase import (
     EventClock,
     WallClock,
     as_of_time,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stream_kpis.alerts import (
+from stream_kpis.ops.alerts import (
     JOB,
     Target,
     TargetsConfig,

@@ -1,7 +1,7 @@
 """The streaming core: applies validated events to member state and aggregates (pure).
 
 One :class:`Processor` owns a set of members (one Kafka partition live, everything in replay),
-their :class:`~stream_kpis.kpis.Aggregates`, bounded de-duplication of events that have no member
+their :class:`~stream_kpis.core.kpis.Aggregates`, bounded de-duplication of events that have no member
 state (guest purchases, surveys), and the member-signal transitions of SPEC section 5. The Faust
 app, replay and the tests all drive this same class.
 """
@@ -9,7 +9,7 @@ app, replay and the tests all drive this same class.
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -23,9 +23,13 @@ from .kpis import (
     evaluate,
     member_view,
 )
-from .settings import Settings
-from .state import ACTIVE, AT_RISK, CHURNED, MemberState
+from .member import ACTIVE, AT_RISK, CHURNED, MemberState
 from .timebase import format_rfc3339
+
+# Settings is only a type here; a runtime import would be circular, because stream_kpis.settings
+# imports stream_kpis.core.timebase and so runs this package's __init__ first.
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 __all__ = ["Processor", "PartitionStore", "Signal", "seen_key", "evaluate_kpis", "member_status",
            "APPLIED", "DUPLICATE", "REDELIVERED"]

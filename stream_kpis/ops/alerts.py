@@ -57,9 +57,9 @@ from typing import Any
 
 import yaml
 
-from .exceptions import ConfigError
-from .kpis import KPI_TOPICS
-from .timebase import duration_label, parse_duration
+from ..core.kpis import KPI_TOPICS
+from ..core.timebase import duration_label, parse_duration
+from ..exceptions import ConfigError
 
 __all__ = [
     "ALL_KPIS",

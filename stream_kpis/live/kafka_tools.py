@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 
-from .exceptions import ConfigError, StreamKpisError
-from .replay import Source, _csv_rows
-from .settings import ENV, Settings
+from ..exceptions import ConfigError, StreamKpisError
+from ..replay import Source, _csv_rows
+from ..settings import ENV, Settings
 
 __all__ = ["bootstrap_servers", "client_config", "create_topics", "check_copartitioning",
            "produce_sources", "tail", "event_key"]

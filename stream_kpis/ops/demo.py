@@ -21,15 +21,15 @@ from typing import Any
 
 import orjson
 
-from .exceptions import StreamKpisError
-from .generate import GeneratorConfig, write_jsonl
-from .kafka_tools import bootstrap_servers, client_config, create_topics, produce_sources
-from .replay import source_for_path
-from .settings import load_settings
+from ..exceptions import StreamKpisError
+from ..generate import GeneratorConfig, write_jsonl
+from ..live.kafka_tools import bootstrap_servers, client_config, create_topics, produce_sources
+from ..replay import source_for_path
+from ..settings import load_settings
 
 __all__ = ["run_demo"]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY_LOCAL = REPO / "deploy" / "local"
 
 #: (kpi, window) rows of the live table.
@@ -60,7 +60,7 @@ def _service(name: str, action: str) -> None:
 def _table(latest: dict[tuple, dict], produced: int, total: int, metrics_url: str) -> Any:
     from rich.table import Table
 
-    from .cli import _format_value
+    from ..cli import _format_value
 
     as_of = max((r["as_of"] for r in latest.values()), default="-")
     table = Table(title=f"stream-kpis live demo   as of {as_of}   produced {produced:,}/{total:,}",

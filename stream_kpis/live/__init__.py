@@ -1,0 +1,1 @@
+"""The live Faust/Kafka shell around the pure core."""

@@ -1,0 +1,1 @@
+"""Operations tooling: alert rules from KPI targets, the Grafana dashboard, the local demo."""
