@@ -98,7 +98,11 @@ def _accepts_connections(servers: str) -> bool:
 
 
 def create_topics(settings: Settings, replication: int = 1) -> list[str]:
-    """Create the input, DLQ, signal, KPI, partials and changelog topics (existing ones are kept)."""
+    """Create the input, DLQ, signal, KPI, partials and state topics (existing ones are kept).
+
+    The state topic gets as many partitions as the input topics have (its partition p holds
+    the state of input partition p); a state topic with another count is a ConfigError.
+    """
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
@@ -106,13 +110,10 @@ def create_topics(settings: Settings, replication: int = 1) -> list[str]:
     partitioned = [*topics.inputs().values(), topics.dlq, topics.signals]
     wanted = [NewTopic(name, settings.partitions, replication) for name in partitioned]
     wanted += [NewTopic(name, 1, replication) for name in topics.kpi_topics().values()]
-    compact = {"cleanup.policy": "compact"}
+    # compacted; small segments so that compaction keeps the exporter's takeover read short
+    compact = {"cleanup.policy": "compact", "segment.ms": "600000", "segment.bytes": "67108864",
+               "min.cleanable.dirty.ratio": "0.1"}
     wanted.append(NewTopic(f"{settings.app_id}-partials", 1, replication, topic_configs=compact))
-    # the worker's table changelogs, created up front so that workers starting together agree
-    for table, partitions in (("members", settings.partitions), ("buckets", settings.partitions),
-                              ("seen", settings.partitions), ("partials", 1)):
-        wanted.append(NewTopic(f"{settings.app_id}-{table}-changelog", partitions, replication,
-                               topic_configs=compact))
     admin = _admin(settings)
     created = []
     try:
@@ -125,7 +126,22 @@ def create_topics(settings: Settings, replication: int = 1) -> list[str]:
                 created.append(topic.name)
             except TopicAlreadyExistsError:
                 pass
-        check_copartitioning(settings, admin)
+        counts = check_copartitioning(settings, admin)
+        inputs = next(iter(counts.values()), settings.partitions)
+        state = f"{settings.app_id}-state"
+        if state not in existing:
+            try:
+                admin.create_topics([NewTopic(state, inputs, replication, topic_configs=compact)])
+                created.append(state)
+            except TopicAlreadyExistsError:
+                pass
+        described = {d.get("name") or d.get("topic"): len(d["partitions"])
+                     for d in admin.describe_topics([state]) if d.get("error_code", 0) == 0}
+        if described.get(state, inputs) != inputs:
+            raise ConfigError(
+                f"the state topic {state} has {described[state]} partitions but the input topics "
+                f"have {inputs}; the state of input partition p lives in partition p. Delete "
+                f"{state} (the state is rebuilt from the input topics) or use another app id")
     finally:
         admin.close()
     return created

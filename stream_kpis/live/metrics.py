@@ -157,6 +157,15 @@ class WorkerMetrics:
             ["signal"], registry=registry)
         self.redis_errors = Counter(
             "stream_kpis_redis_errors", "Failed Redis read-model writes.", registry=registry)
+        self.lost_commits = Counter(
+            "stream_kpis_lost_commits",
+            "Batch transactions that did not commit (reason: fenced by a newer owner, or error);"
+            " the partition's state is then recovered from its state log.",
+            ["reason"], registry=registry)
+        self.stalled_partitions = Gauge(
+            "stream_kpis_stalled_partitions",
+            "Input partitions this worker is assigned that have lag but made no progress for "
+            "several emit intervals.", registry=registry)
 
         # Labelled children cached by label values: .labels() costs a lock and a dict
         # lookup with tuple building on every call, which adds up per event.
@@ -210,6 +219,10 @@ class WorkerMetrics:
     def count_signal(self, signal: str, n: int = 1) -> None:
         """Count ``n`` member signals of kind ``signal`` (at_risk, churned, reactivated)."""
         _cached_child(self._signal_children, self.signals, signal).inc(n)
+
+    def count_lost_commit(self, reason: str) -> None:
+        """Count one batch transaction that did not commit (``fenced`` or ``error``)."""
+        self.lost_commits.labels(reason).inc()
 
     def count_redis_error(self, n: int = 1) -> None:
         """Count a failed Redis read-model write (pass as ``ReadModel(on_error=...)``)."""

@@ -35,6 +35,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream_kpis.core.events import DeadLetter, EventParser
+from stream_kpis.live.kafka_log import ingest_group
 from stream_kpis.live.kafka_tools import _file_messages, client_config, create_topics, produce_sources
 from stream_kpis.replay import Source, replay, source_for_path
 from stream_kpis.settings import Settings, load_settings
@@ -302,12 +303,14 @@ class LiveStack:
         return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
 
     def committed_offsets(self) -> dict[tuple[str, int], int]:
-        """The consumer group's committed offsets on the input topics (0 where none)."""
+        """The ingest group's committed offsets on the input topics (0 where none): committed in
+        the same transactions as the state they include."""
         from kafka import KafkaAdminClient
 
         admin = KafkaAdminClient(**client_config(self.settings))
         try:
-            offsets = admin.list_group_offsets({self.settings.app_id: None})[self.settings.app_id]
+            group = ingest_group(self.settings)
+            offsets = admin.list_group_offsets({group: None})[group]
         finally:
             admin.close()
         committed = {(tp.topic, tp.partition): 0 for tp in self._input_partitions()}

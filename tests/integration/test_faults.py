@@ -114,11 +114,6 @@ def test_kill9_of_the_only_worker(tmp_path, kafka_bootstrap, stream_file):
         stack.stop()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known open bug, about 1 run in 5 on 2 shared cores: after the kill and the join, one "
-    "member's enrollment (tier, channel) is missing from the live state while replay has it; "
-    "the stale-partial race is fixed (app.Pipeline._take_partial), the rest is still open. "
-    "The test keeps all its assertions and reports XPASS when it passes."))
 def test_kill9_of_one_of_two_workers_then_a_third_joins(tmp_path, kafka_bootstrap, stream_file):
     """Partitions and their state move to the survivor, then some to a newcomer; the global
     exporter role moves with the partials partition and ends on exactly one worker."""

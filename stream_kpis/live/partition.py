@@ -1,0 +1,233 @@
+"""One owned input partition: its Processor, its input positions, and the batch it commits.
+
+No Kafka here. :class:`PartitionTask` applies the records of one input partition (all four
+co-partitioned topics) to a :class:`~stream_kpis.core.Processor` and turns what changed into a
+:class:`Commit`: the state records of the partition's state log, the dead letters, the member
+signals, optionally the partition's partial for the exporter, and the input positions after the
+batch. The caller writes a Commit atomically (one Kafka transaction) and only then calls
+:meth:`PartitionTask.committed`, which writes the records to the local store. A Commit that
+could not be written leaves the task unusable: its owner drops it and recovers the partition
+from the local store and the state log, which only ever hold committed batches
+(docs/design/state.md).
+
+State log records (key -> value, one per changed key and batch):
+
+* ``m:<member_id>`` -> ``MemberState.to_bytes()``
+* ``b:<bucket>`` -> the event sums of one bucket (guests, surveys, revenue, points, mentions)
+* ``s:<dedupe key>`` -> b"" (de-duplication entry of an event without member state),
+  or None (a tombstone: the entry was evicted)
+* ``p`` -> the input positions, ``{topic: next offset}``, written by every batch
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ..core import PartitionStore, Processor, member_status
+from ..core.events import DeadLetter, EventParser
+from ..core.member import MemberState
+from ..settings import Settings
+from .store import LocalStore
+
+__all__ = ["PartitionTask", "Commit", "InputRecord", "POSITIONS_KEY", "partial_value",
+           "parse_partial"]
+
+MEMBER, BUCKET, SEEN = b"m:", b"b:", b"s:"
+POSITIONS_KEY = b"p"
+
+WRONG_KEY_DETAIL = ("the Kafka message key must be the member_id (the event_id for guest events) "
+                    "so that a member's events share a partition; fix the producer's key")
+
+
+@dataclass(frozen=True, slots=True)
+class InputRecord:
+    """The parts of a Kafka record the pipeline uses (aiokafka's ConsumerRecord has them too)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass
+class Commit:
+    """Everything one batch of one partition writes, atomically."""
+
+    partition: int
+    state: list[tuple[bytes, bytes | None]]              # state log records, one per key
+    dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    signals: list[tuple[bytes, bytes]] = field(default_factory=list)
+    partial: bytes | None = None                          # this partition's aggregates
+    positions: dict[str, int] = field(default_factory=dict)  # input topic -> next offset
+    member_statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # for Redis
+    outcomes: dict[tuple[str, str], int] = field(default_factory=dict)  # (topic, outcome) -> n
+
+
+def partial_value(max_ts: int | None, positions: Mapping[str, int], aggs_bytes: bytes) -> bytes:
+    """The exporter's record of one partition: ``max_ts|progress|aggregates``."""
+    progress = sum(positions.values())
+    return b"%d|%d|" % (-1 if max_ts is None else max_ts, progress) + aggs_bytes
+
+
+def parse_partial(value: bytes) -> tuple[int | None, int, bytes]:
+    max_ts, progress, data = value.split(b"|", 2)
+    return (None if int(max_ts) < 0 else int(max_ts)), int(progress), data
+
+
+class _StoreMembers(MutableMapping):
+    """Member states of one partition: the local store plus the batch's changes (``dirty``)."""
+
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+        self.dirty: dict[str, MemberState] = {}
+
+    def get(self, member_id: str, default: Any = None) -> MemberState | None:
+        state = self.dirty.get(member_id)
+        if state is not None:
+            return state
+        raw = self.store.get(MEMBER + member_id.encode())
+        return default if raw is None else MemberState.from_bytes(raw)
+
+    def __getitem__(self, member_id: str) -> MemberState:
+        state = self.get(member_id)
+        if state is None:
+            raise KeyError(member_id)
+        return state
+
+    def __setitem__(self, member_id: str, state: MemberState) -> None:
+        self.dirty[member_id] = state
+
+    def __delitem__(self, member_id: str) -> None:  # members are never deleted
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.dirty)
+
+    def __len__(self) -> int:
+        return len(self.dirty)
+
+
+class PartitionTask:
+    """The live state of one input partition, rebuilt from a local store."""
+
+    def __init__(self, settings: Settings, partition: int, store: LocalStore,
+                 topic_types: Mapping[str, str], parser: EventParser | None = None) -> None:
+        self.settings = settings
+        self.partition = partition
+        self.store = store
+        self.topic_types = topic_types
+        self.parser = parser or EventParser(settings.max_event_bytes, settings.max_skew_ms)
+        self.signals: list[tuple[bytes, bytes]] = []
+        self.members = _StoreMembers(store)
+        self.processor = Processor(settings, self.members, on_signal=self._signal,
+                                   track_changes=True)
+        self.positions: dict[str, int] = {}
+        self.published_version = -1
+        self.pending: Commit | None = None
+        self.log_end: int | None = None  # state log end offset after this task's last commit
+        self._load()
+
+    # ---- recovery ---------------------------------------------------------------------------
+    def _load(self) -> None:
+        """Rebuild the Processor from the local store (members, buckets, dedupe, positions)."""
+        processor = self.processor
+        for key, value in self.store.items():
+            kind = key[:2]
+            if kind == MEMBER:
+                PartitionStore.load_member(processor, key[2:].decode(), MemberState.from_bytes(value))
+            elif kind == BUCKET:
+                PartitionStore.load_bucket(processor, int(key[2:]), value)
+            elif kind == SEEN:
+                processor.seen_without_member[key[2:].decode()] = None
+            elif key == POSITIONS_KEY:
+                self.positions = orjson.loads(value)
+        if processor.max_ts is not None:
+            processor.K = processor.max_ts // self.settings.bucket_ms
+        if self.settings.clock == "wall":
+            processor.K = int(time.time() * 1000) // self.settings.bucket_ms
+        self.published_version = -1 if processor.max_ts is not None else 0
+
+    def position(self, topic: str) -> int:
+        """The offset of the next record of ``topic`` this partition has not applied."""
+        return self.positions.get(topic, 0)
+
+    # ---- a batch ----------------------------------------------------------------------------
+    def apply(self, records: Iterable[InputRecord], now_ms: int | None = None) -> None:
+        """Apply input records (any order across topics, offset order within a topic); records
+        before the partition's position in their topic are skipped (already in the state)."""
+        if self.pending is None:
+            self.pending = Commit(self.partition, [])
+        commit = self.pending
+        positions = self.positions
+        outcomes = commit.outcomes
+        live_now = now_ms if self.settings.clock == "wall" else None
+        for record in records:
+            topic = record.topic
+            if record.offset < positions.get(topic, 0):
+                continue
+            positions[topic] = record.offset + 1
+            value = record.value or b""
+            item = self.parser.parse(value, self.topic_types[topic], live_now)
+            if item.__class__ is not DeadLetter and record.key != item.partition_key.encode():
+                item = DeadLetter("wrong_key", WRONG_KEY_DETAIL, value)
+            if item.__class__ is DeadLetter:
+                item.topic, item.partition, item.offset = topic, record.partition, record.offset
+                commit.dead_letters.append((record.key, orjson.dumps(item.to_record())))
+                outcome = "dead_letter:" + item.reason
+            else:
+                outcome = self.processor.process(item)
+            outcomes[(topic, outcome)] = outcomes.get((topic, outcome), 0) + 1
+
+    def advance(self, K: int) -> None:
+        """Move the as-of bucket (wall clock): time-based signals and statuses."""
+        if self.pending is None:
+            self.pending = Commit(self.partition, [])
+        self.processor.advance(K)
+
+    def take_commit(self, with_partial: bool = False) -> Commit | None:
+        """What the batch changed, as a Commit (None when there is nothing to write)."""
+        commit = self.pending or Commit(self.partition, [])
+        self.pending = commit
+        processor = self.processor
+        state = commit.state
+        K = processor.K
+        for member_id, member in self.members.dirty.items():
+            state.append((MEMBER + member_id.encode(), member.to_bytes()))
+            if K is not None:
+                commit.member_statuses[member_id] = member_status(member, K, self.settings)
+        for bucket in processor.changed_buckets:
+            state.append((BUCKET + str(bucket).encode(),
+                          PartitionStore.bucket_record(processor, bucket)))
+        for key in processor.changed_seen:
+            value = b"" if key in processor.seen_without_member else None
+            state.append((SEEN + key.encode(), value))
+        processor.changed_buckets.clear()
+        processor.changed_seen.clear()
+        commit.signals, self.signals = self.signals, []
+        version = processor.version
+        if with_partial and version != self.published_version:
+            commit.partial = partial_value(processor.max_ts, self.positions, processor.aggs.to_bytes())
+            self.published_version = version
+        if not (state or commit.dead_letters or commit.signals or commit.partial or commit.outcomes):
+            self.pending = None
+            return None
+        commit.positions = dict(self.positions)
+        state.append((POSITIONS_KEY, orjson.dumps(commit.positions)))
+        return commit
+
+    def committed(self, commit: Commit, log_end: int | None) -> None:
+        """The Commit is durable: write its state records to the local store."""
+        self.store.write(commit.state, log_end)
+        self.members.dirty.clear()
+        self.pending = None
+        self.log_end = log_end
+
+    def _signal(self, signal: dict[str, Any]) -> None:
+        self.signals.append((signal["member_id"].encode(), orjson.dumps(signal)))
+

@@ -1,0 +1,121 @@
+"""The local copy of one partition's state log: a key-value store that remembers how far it is.
+
+A :class:`LocalStore` holds the latest value of every key of one partition's state log, and the
+state log offset up to which it reflects the log (``offset``). It is only ever written with
+records of committed batches, so after a crash or a hand-over it is a correct, possibly older,
+prefix of the log: recovery reads the log from ``offset`` on and writes what it finds.
+
+:class:`RocksStore` keeps it in RocksDB under the worker's data directory (one database per
+partition, kept across restarts); :class:`MemoryStore` is its twin for ``memory://`` stores and
+the broker-free tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["LocalStore", "MemoryStore", "RocksStore", "open_store"]
+
+_OFFSET_KEY = b"\x00offset"
+
+
+class LocalStore(Protocol):
+    offset: int  # the state log offset the next record to apply would have
+
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]: ...
+
+    def write(self, records: Iterable[tuple[bytes, bytes | None]], offset: int | None) -> None:
+        """Apply records (None deletes) and, when given, set ``offset``, in one atomic write."""
+
+    def clear(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryStore:
+    """A dict. Survives what its owner keeps: the tests keep one per simulated data dir."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.offset = 0
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.data.get(key)
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        return iter(list(self.data.items()))
+
+    def write(self, records: Iterable[tuple[bytes, bytes | None]], offset: int | None) -> None:
+        data = self.data
+        for key, value in records:
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = value
+        if offset is not None:
+            self.offset = offset
+
+    def clear(self) -> None:
+        self.data.clear()
+        self.offset = 0
+
+    def close(self) -> None:
+        pass
+
+
+class RocksStore:
+    """One RocksDB database (rocksdict) per partition; the offset is a key written atomically
+    with the records it covers."""
+
+    def __init__(self, path: Path) -> None:
+        from rocksdict import Options, Rdict, WriteBatch
+
+        self._batch_type = WriteBatch
+        path.mkdir(parents=True, exist_ok=True)
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        self.db = Rdict(str(path), options=options)
+        raw = self.db.get(_OFFSET_KEY)
+        self.offset = int(raw) if raw is not None else 0
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.db.get(key)
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        for key, value in self.db.items():
+            if key != _OFFSET_KEY:
+                yield key, value
+
+    def write(self, records: Iterable[tuple[bytes, bytes | None]], offset: int | None) -> None:
+        batch = self._batch_type(raw_mode=True)
+        for key, value in records:
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        if offset is not None:
+            batch.put(_OFFSET_KEY, b"%d" % offset)
+        self.db.write(batch)
+        if offset is not None:
+            self.offset = offset
+
+    def clear(self) -> None:
+        batch = self._batch_type(raw_mode=True)
+        for key in list(self.db.keys()):
+            batch.delete(key)
+        self.db.write(batch)
+        self.offset = 0
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_store(store_url: str, data_dir: str | Path, app_id: str, partition: int) -> LocalStore:
+    """The local store of one partition: RocksDB for ``rocksdb://``, else in memory."""
+    if store_url.startswith("rocksdb"):
+        return RocksStore(Path(data_dir) / app_id / "state" / str(partition))
+    return MemoryStore()
