@@ -240,7 +240,9 @@ def tail(settings: Settings, topics: list[str], from_beginning: bool = False,
     """(topic, record) from output topics as they arrive."""
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(*topics, auto_offset_reset="earliest" if from_beginning else "latest",
+    # read_committed: records of batches whose transaction was aborted are never shown
+    consumer = KafkaConsumer(*topics, isolation_level="read_committed",
+                             auto_offset_reset="earliest" if from_beginning else "latest",
                              enable_auto_commit=False, group_id=None,
                              consumer_timeout_ms=int(timeout_s * 1000) if timeout_s else float("inf"),
                              **client_config(settings))

@@ -112,6 +112,7 @@ HEALTH_ALERTS = (
     "StreamKpisNoGlobalExporter",
     "StreamKpisMultipleGlobalExporters",
     "StreamKpisRedisErrors",
+    "StreamKpisPartitionStalled",
 )
 TARGET_NO_DATA_ALERT = "LoyaltyKpiTargetNoData"
 
@@ -208,6 +209,9 @@ class HealthThresholds:
     dead_letter_for: str = "5m"
     exporter_for: str = "5m"
     redis_errors_for: str = "10m"
+    # the worker itself waits 6 emit intervals without progress before it counts a partition
+    # as stalled; this is how long it must stay so before the alert fires
+    stalled_for: str = "2m"
     target_no_data_for: str = "6h"
     runbook_url: str = DEFAULT_RUNBOOK
 
@@ -759,6 +763,15 @@ def _health_rules(health: HealthThresholds) -> list[dict[str, Any]]:
             "Writes to Redis fail ({{ $value | printf \"%.3g\" }} errors/s for "
             + health.redis_errors_for + "): readers of the read model see stale values. "
             "Processing continues and the read model catches up when Redis is back.",
+        ),
+        (
+            "StreamKpisPartitionStalled",
+            f"max by (instance) (stream_kpis_stalled_partitions{{{job}}}) > 0",
+            health.stalled_for, "critical",
+            "{{ $value }} input partitions of {{ $labels.instance }} make no progress",
+            "A worker is assigned input partitions that have unread records but whose position "
+            "has not moved for " + health.stalled_for + " (plus six emit intervals): their "
+            "events are missing from every KPI. The worker's log names the partitions.",
         ),
     ]  # fmt: skip
     assert tuple(spec[0] for spec in specs) == HEALTH_ALERTS

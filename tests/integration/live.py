@@ -369,7 +369,8 @@ class LiveStack:
 
     def consumer(self, topics: list[str]) -> KafkaConsumer:
         return KafkaConsumer(*topics, auto_offset_reset="earliest", enable_auto_commit=False,
-                             group_id=None, consumer_timeout_ms=1000, **client_config(self.settings))
+                             group_id=None, consumer_timeout_ms=1000,
+                             isolation_level="read_committed", **client_config(self.settings))
 
     def read_topic(self, topic: str) -> list[dict[str, Any]]:
         consumer = self.consumer([topic])
