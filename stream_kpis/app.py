@@ -135,7 +135,8 @@ class Pipeline:
             settings, self.state_log,
             lambda partition: open_store(settings.store, settings.data_dir, settings.app_id,
                                          partition),
-            metrics=self.metrics, on_committed=self._committed)
+            metrics=self.metrics, on_committed=self._committed,
+            with_statuses=self.readmodel is not None)
         self.consumer = IngestConsumer(settings, self.ingest, self.state_log)
         self.exporter = ExporterConsumer(settings, self._publish, self.kpi_gauges.set_exporting)
         self.stalls = StallDetector(settings.emit_interval_s)

@@ -139,7 +139,7 @@ class Settings:
     partitions: int = 4
     replication: int = 1  # replication factor of the topics we create, changelogs included
     store: str = "rocksdb://"
-    fast_path: bool = True  # input batches straight from Faust's consumer (stream_kpis.fastpath)
+    fast_path: bool = True  # accepted for compatibility; every fetch is one batch now
     data_dir: str = ".local/worker"
     emit_interval_s: float = 10.0
     web_host: str = "127.0.0.1"

@@ -74,12 +74,13 @@ class Ingest:
     def __init__(self, settings: Settings, state_log: StateLog,
                  open_store: Callable[[int], LocalStore], *, metrics: Any = None,
                  on_committed: Callable[[Commit], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 with_statuses: bool = False, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.state_log = state_log
         self.open_store = open_store
         self.metrics = metrics
         self.on_committed = on_committed
+        self.with_statuses = with_statuses  # member statuses for the read model, per commit
         self.clock = clock
         self.topic_types = {name: kind for kind, name in settings.topics.inputs().items()}
         self.parser = EventParser(settings.max_event_bytes, settings.max_skew_ms)
@@ -101,8 +102,8 @@ class Ingest:
             for partition in list(self.parked):
                 if partition not in self.assigned:
                     del self.parked[partition]
-            for partition in sorted(self.assigned - set(self.tasks)):
-                await self._take_or_retry(partition)
+            await asyncio.gather(*(self._take_or_retry(partition)
+                                   for partition in sorted(self.assigned - set(self.tasks))))
 
     async def revoke(self, partitions: Iterable[int]) -> None:
         """The group takes these partitions back; waits for the batch being committed."""
@@ -179,7 +180,8 @@ class Ingest:
                     task.apply(batch, now_ms)
                 if self.settings.clock == "wall":
                     task.advance(now_ms // self.settings.bucket_ms)
-                commit = task.take_commit(with_partial=partial_due)
+                commit = task.take_commit(with_partial=partial_due,
+                                          with_statuses=self.with_statuses)
                 if commit is not None:
                     commits.append(commit)
             if commits:

@@ -190,8 +190,10 @@ class PartitionTask:
             self.pending = Commit(self.partition, [])
         self.processor.advance(K)
 
-    def take_commit(self, with_partial: bool = False) -> Commit | None:
-        """What the batch changed, as a Commit (None when there is nothing to write)."""
+    def take_commit(self, with_partial: bool = False, with_statuses: bool = False
+                    ) -> Commit | None:
+        """What the batch changed, as a Commit (None when there is nothing to write); with the
+        changed members' statuses for the read model when asked."""
         commit = self.pending or Commit(self.partition, [])
         self.pending = commit
         processor = self.processor
@@ -199,7 +201,7 @@ class PartitionTask:
         K = processor.K
         for member_id, member in self.members.dirty.items():
             state.append((MEMBER + member_id.encode(), member.to_bytes()))
-            if K is not None:
+            if with_statuses and K is not None:
                 commit.member_statuses[member_id] = member_status(member, K, self.settings)
         for bucket in processor.changed_buckets:
             state.append((BUCKET + str(bucket).encode(),
