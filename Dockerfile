@@ -4,8 +4,8 @@
 #   docker run --rm -e STREAM_KPIS_BROKER=kafka://kafka:9092 stream-kpis worker
 #
 # The same image runs the one-shot `stream-kpis topics create` (see docker-compose.yml and
-# deploy/k8s/topics-job.yaml). Table state (RocksDB) lives under /var/lib/stream-kpis: mount
-# a volume there so a restarted worker does not rebuild it from the changelog topics.
+# deploy/k8s/topics-job.yaml). Partition state (RocksDB) lives under /var/lib/stream-kpis: mount
+# a volume there so a restarted worker reads only the tail of the state topic.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

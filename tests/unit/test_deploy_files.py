@@ -51,7 +51,8 @@ def load_yaml(path: Path):
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-# Metric names of CONTRACT.md ("Prometheus metric names"), written out independently of the code.
+# Metric names of the project's metrics contract (README "Outputs", docs/production.md),
+# written out independently of the code.
 CONTRACT_KPIS = """
 members active_members active_rate new_members member_growth_rate enrollment_rate tier_members
 redeemers redemption_rate redemption_participation points_earned points_redeemed points_burn_rate
@@ -68,6 +69,7 @@ stream_kpis_event_lag_seconds_sum stream_kpis_event_lag_seconds_count
 stream_kpis_watermark_lag_seconds stream_kpis_consumer_lag_messages stream_kpis_table_rows
 stream_kpis_kpi_emissions_total stream_kpis_last_emit_timestamp_seconds stream_kpis_global_exporter
 stream_kpis_signals_total stream_kpis_redis_errors_total
+stream_kpis_lost_commits_total stream_kpis_stalled_partitions
 """.split()
 CONTRACT_METRICS = {f"loyalty_{kpi}" for kpi in CONTRACT_KPIS} | set(CONTRACT_OPERATIONAL) | {"up"}
 
