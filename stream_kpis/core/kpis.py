@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from .catalogue import CATALOGUE
 from .timebase import as_of_time
 
 __all__ = [
@@ -27,7 +28,6 @@ __all__ = [
     "churn_snapshot",
     "churn_snapshots",
     "KPI_TOPICS",
-    "KPI_HELP",
     "MentionMatcher",
 ]
 
@@ -282,65 +282,8 @@ class MentionMatcher:
                 if pattern.search(text)]
 
 
-#: KPI name -> output topic key (SPEC section 6).
-KPI_TOPICS: dict[str, str] = {}
-for _topic, _names in {
-    "active-rate": ("members", "active_members", "active_rate", "new_members", "member_growth_rate",
-                    "enrollment_rate", "tier_members"),
-    "redemption": ("redeemers", "redemption_rate", "redemption_participation", "points_earned",
-                   "points_redeemed", "points_burn_rate", "points_liability", "expired_points",
-                   "points_expiring", "breakage_rate"),
-    "churn": ("churned_members", "churn_rate", "retention_rate", "churn_reduction",
-              "one_and_done_rate"),
-    "engagement": ("repeat_purchase_rate", "aov_member", "aov_guest", "member_spend_lift",
-                   "member_revenue_share", "avg_margin_member", "avg_margin_guest", "margin_lift",
-                   "avg_lifetime_spend"),
-    "satisfaction": ("survey_responses", "nps", "nps_member", "nps_guest", "csat",
-                     "feedback_mentions"),
-}.items():
-    for _name in _names:
-        KPI_TOPICS[_name] = _topic
-
-#: One-line help per KPI (Prometheus HELP text, docs).
-KPI_HELP = {
-    "members": "Known loyalty members",
-    "active_members": "Members with a purchase or redemption in the window",
-    "active_rate": "Active members / members",
-    "new_members": "Members enrolled in the window, by acquisition channel",
-    "member_growth_rate": "Members now / members one window ago - 1",
-    "enrollment_rate": "New members / (new members + guest orders) in the window",
-    "tier_members": "Members by current tier",
-    "redeemers": "Members whose last redemption is in the window",
-    "redemption_rate": "Redeemers / members",
-    "redemption_participation": "Redeemers / active members",
-    "points_earned": "Points earned by members in the window",
-    "points_redeemed": "Points redeemed in the window",
-    "points_burn_rate": "Points redeemed / points earned in the window",
-    "points_liability": "Outstanding points (unexpired remaining minus unbacked)",
-    "expired_points": "Points that expired in the window",
-    "points_expiring": "Points that will expire within the next window",
-    "breakage_rate": "Expired points / points of lots whose expiry has passed",
-    "churned_members": "Members with no touch for the churn horizon",
-    "churn_rate": "Members churned in the window / members at risk of churning",
-    "retention_rate": "1 - churn_rate",
-    "churn_reduction": "churn_rate one window ago minus churn_rate now",
-    "one_and_done_rate": "Settled purchasers with exactly one purchase / settled purchasers",
-    "repeat_purchase_rate": "Members with two purchases in the window / members with one",
-    "aov_member": "Average member order value in the window",
-    "aov_guest": "Average guest order value in the window",
-    "member_spend_lift": "aov_member / aov_guest - 1",
-    "member_revenue_share": "Member revenue / all revenue in the window",
-    "avg_margin_member": "Average margin of member orders in the window",
-    "avg_margin_guest": "Average margin of guest orders in the window",
-    "margin_lift": "avg_margin_member / avg_margin_guest - 1",
-    "avg_lifetime_spend": "Lifetime spend per purchasing member (historic CLV)",
-    "survey_responses": "Survey responses in the window",
-    "nps": "Net promoter score in the window",
-    "nps_member": "Net promoter score of members in the window",
-    "nps_guest": "Net promoter score of non-members in the window",
-    "csat": "Share of csat responses >= 4 in the window",
-    "feedback_mentions": "Survey comments mentioning a lexicon term in the window",
-}
+#: KPI name -> output topic key (SPEC section 6), from the catalogue.
+KPI_TOPICS: dict[str, str] = {kpi.name: kpi.topic for kpi in CATALOGUE}
 
 
 class _Records:
@@ -373,96 +316,135 @@ def evaluate(aggs: Aggregates, K: int, *, bucket_ms: int, windows: Mapping[int, 
     ``churn_history`` maps an earlier as-of bucket to its :func:`churn_snapshot`, for
     churn_reduction; missing entries give null.
     """
-    out = _Records(as_of_time(K, bucket_ms))
-    hist = [_Ranges(h, K) for h in aggs.hists]
-    sums = {name: _Ranges(h, K, clamp=not name.startswith("lot_")) for name, h in aggs.sums.items()}
-    totals = aggs.totals
-    members = totals["members"]
-
-    out.add("members", None, members)
-    for tier, count in sorted(aggs.tiers.items()):
-        out.add("tier_members", None, count, labels={"tier": tier})
-    churned = hist[LAST_TOUCH].upto(K - horizon)
-    out.add("churned_members", None, churned)
-    settled = hist[FIRST_PURCHASE].upto(K - settle)
-    out.ratio("one_and_done_rate", None, hist[FIRST_PURCHASE_SINGLE].upto(K - settle), settled)
-    out.ratio("avg_lifetime_spend", None, totals["lifetime_spend"], totals["purchasers"])
-    remaining, lot_points = sums["lot_remaining"], sums["lot_points"]
-    if points_validity:
-        out.add("points_liability", None, remaining.since(K + 1) - totals["unbacked"])
-    else:
-        out.add("points_liability", None, totals["points_balance"])
-    out.ratio("breakage_rate", None, remaining.upto(K), lot_points.upto(K))
-
+    evaluation = _Evaluation(aggs, K, as_of_time(K, bucket_ms))
+    evaluation.as_of_kpis(horizon, settle, points_validity)
     now_churn = churn_snapshot(aggs, K, windows, horizon)
+    mention_keys = tuple(mention_keys)
     for w, label in windows.items():
+        active = evaluation.membership(w, label)
+        evaluation.redemption(w, label, active)
+        if w in now_churn:
+            past = (churn_history or {}).get(K - w, {}).get(w)
+            evaluation.churn(label, now_churn[w], past)
+        evaluation.spend(w, label)
+        evaluation.satisfaction(w, label, mention_keys)
+    return evaluation.out.items
+
+
+class _Evaluation:
+    """Range sums of one :class:`Aggregates` as of K, and the records evaluated from them.
+
+    One method per group of KPIs; each adds its records to ``out`` in the order of the topics.
+    """
+
+    def __init__(self, aggs: Aggregates, K: int, as_of: str) -> None:
+        self.aggs = aggs
+        self.K = K
+        self.out = _Records(as_of)
+        self.hist = [_Ranges(h, K) for h in aggs.hists]
+        # expiry buckets of point lots lie in the future of K: not clamped
+        self.sums = {name: _Ranges(h, K, clamp=not name.startswith("lot_"))
+                     for name, h in aggs.sums.items()}
+        self.members = aggs.totals["members"]
+
+    def in_window(self, name: str, w: int) -> float:
+        """Sum of ``name`` over the buckets of window w, [K-w+1, K]."""
+        return self.sums[name].since(self.K - w + 1)
+
+    def as_of_kpis(self, horizon: int, settle: int, points_validity: bool) -> None:
+        """The KPIs without a window."""
+        out, hist, totals, K = self.out, self.hist, self.aggs.totals, self.K
+        out.add("members", None, self.members)
+        for tier, count in sorted(self.aggs.tiers.items()):
+            out.add("tier_members", None, count, labels={"tier": tier})
+        out.add("churned_members", None, hist[LAST_TOUCH].upto(K - horizon))
+        settled = hist[FIRST_PURCHASE].upto(K - settle)
+        out.ratio("one_and_done_rate", None, hist[FIRST_PURCHASE_SINGLE].upto(K - settle), settled)
+        out.ratio("avg_lifetime_spend", None, totals["lifetime_spend"], totals["purchasers"])
+        remaining, lot_points = self.sums["lot_remaining"], self.sums["lot_points"]
+        if points_validity:
+            out.add("points_liability", None, remaining.since(K + 1) - totals["unbacked"])
+        else:
+            out.add("points_liability", None, totals["points_balance"])
+        out.ratio("breakage_rate", None, remaining.upto(K), lot_points.upto(K))
+
+    def membership(self, w: int, label: str) -> float:
+        """active_members, active_rate, new_members, member_growth_rate, enrollment_rate;
+        returns active_members."""
+        out, K, members = self.out, self.K, self.members
         lo = K - w + 1
-
-        def in_window(name: str, lo: int = lo) -> float:
-            return sums[name].since(lo)
-
-        active = hist[LAST_ACTIVITY].since(lo)
+        active = self.hist[LAST_ACTIVITY].since(lo)
         out.add("active_members", label, active)
         out.ratio("active_rate", label, active, members)
         new_total = 0
-        for channel, channel_hist in sorted(aggs.by_channel.items()):
+        for channel, channel_hist in sorted(self.aggs.by_channel.items()):
             if not channel_hist:
                 continue  # no member has this channel any more
             count = _Ranges(channel_hist, K).since(lo)
             new_total += count
             out.add("new_members", label, count, labels={"channel": channel})
-        base = hist[ENROLLED].upto(K - w)
+        base = self.hist[ENROLLED].upto(K - w)
         out.add("member_growth_rate", label, _lift(members, base), members, base)
-        guest_orders = in_window("guest_orders")
-        out.ratio("enrollment_rate", label, new_total, new_total + guest_orders)
+        out.ratio("enrollment_rate", label, new_total,
+                  new_total + self.in_window("guest_orders", w))
+        return active
 
-        redeemers = hist[LAST_REDEMPTION].since(lo)
+    def redemption(self, w: int, label: str, active: float) -> None:
+        """Redeemers and their rates, points earned, redeemed, expired and expiring."""
+        out, K = self.out, self.K
+        redeemers = self.hist[LAST_REDEMPTION].since(K - w + 1)
         out.add("redeemers", label, redeemers)
-        out.ratio("redemption_rate", label, redeemers, members)
+        out.ratio("redemption_rate", label, redeemers, self.members)
         out.ratio("redemption_participation", label, redeemers, active)
-        earned, redeemed = in_window("points_earned"), in_window("points_redeemed")
+        earned, redeemed = self.in_window("points_earned", w), self.in_window("points_redeemed", w)
         out.add("points_earned", label, earned)
         out.add("points_redeemed", label, redeemed)
         out.ratio("points_burn_rate", label, redeemed, earned)
-        out.add("expired_points", label, remaining.between(lo, K))
+        remaining = self.sums["lot_remaining"]
+        out.add("expired_points", label, remaining.between(K - w + 1, K))
         out.add("points_expiring", label, remaining.between(K + 1, K + w))
 
-        if w in now_churn:
-            churn_num, churn_den = now_churn[w]
-            rate = _ratio(churn_num, churn_den)
-            out.add("churn_rate", label, rate, churn_num, churn_den)
-            out.add("retention_rate", label, None if rate is None else 1 - rate,
-                    churn_den - churn_num, churn_den)
-            past = (churn_history or {}).get(K - w, {}).get(w)
-            past_rate = None if past is None else _ratio(*past)
-            out.add("churn_reduction", label,
-                    None if past_rate is None or rate is None else past_rate - rate)
+    def churn(self, label: str, now: tuple[int, int], past: tuple[int, int] | None) -> None:
+        """churn_rate, retention_rate and churn_reduction from churn snapshots (num, den)."""
+        churn_num, churn_den = now
+        rate = _ratio(churn_num, churn_den)
+        self.out.add("churn_rate", label, rate, churn_num, churn_den)
+        self.out.add("retention_rate", label, None if rate is None else 1 - rate,
+                     churn_den - churn_num, churn_den)
+        past_rate = None if past is None else _ratio(*past)
+        self.out.add("churn_reduction", label,
+                     None if past_rate is None or rate is None else past_rate - rate)
 
-        out.ratio("repeat_purchase_rate", label, hist[PREV_PURCHASE].since(lo),
-                  hist[LAST_PURCHASE].since(lo))
-        member_revenue, member_orders = in_window("member_revenue"), in_window("member_orders")
-        guest_revenue = in_window("guest_revenue")
-        aov_member, aov_guest = _ratio(member_revenue, member_orders), _ratio(guest_revenue,
-                                                                             guest_orders)
+    def spend(self, w: int, label: str) -> None:
+        """Repeat purchases, order values, revenue share and margins of members and guests."""
+        out, in_window, lo = self.out, self.in_window, self.K - w + 1
+        out.ratio("repeat_purchase_rate", label, self.hist[PREV_PURCHASE].since(lo),
+                  self.hist[LAST_PURCHASE].since(lo))
+        member_revenue, member_orders = in_window("member_revenue", w), in_window("member_orders", w)
+        guest_revenue, guest_orders = in_window("guest_revenue", w), in_window("guest_orders", w)
+        aov_member, aov_guest = (_ratio(member_revenue, member_orders),
+                                 _ratio(guest_revenue, guest_orders))
         out.add("aov_member", label, aov_member, member_revenue, member_orders)
         out.add("aov_guest", label, aov_guest, guest_revenue, guest_orders)
         out.add("member_spend_lift", label, _lift(aov_member, aov_guest), aov_member, aov_guest)
         out.ratio("member_revenue_share", label, member_revenue, member_revenue + guest_revenue)
-        margin_m, orders_m = in_window("member_margin"), in_window("member_margin_orders")
-        margin_g, orders_g = in_window("guest_margin"), in_window("guest_margin_orders")
+        margin_m, orders_m = in_window("member_margin", w), in_window("member_margin_orders", w)
+        margin_g, orders_g = in_window("guest_margin", w), in_window("guest_margin_orders", w)
         avg_m, avg_g = _ratio(margin_m, orders_m), _ratio(margin_g, orders_g)
         out.add("avg_margin_member", label, avg_m, margin_m, orders_m)
         out.add("avg_margin_guest", label, avg_g, margin_g, orders_g)
         out.add("margin_lift", label, _lift(avg_m, avg_g), avg_m, avg_g)
 
-        out.add("survey_responses", label, in_window("surveys"))
+    def satisfaction(self, w: int, label: str, mention_keys: Iterable[str]) -> None:
+        """Survey responses, NPS of all, members and guests, CSAT, lexicon mentions."""
+        out, in_window = self.out, self.in_window
+        out.add("survey_responses", label, in_window("surveys", w))
         for kpi, suffix in (("nps", ""), ("nps_member", "_member"), ("nps_guest", "_guest")):
-            net, n = in_window("nps_net" + suffix), in_window("nps_n" + suffix)
+            net, n = in_window("nps_net" + suffix, w), in_window("nps_n" + suffix, w)
             out.add(kpi, label, _nps(net, n), net, n)
-        out.ratio("csat", label, in_window("csat_pos"), in_window("csat_n"))
+        out.ratio("csat", label, in_window("csat_pos", w), in_window("csat_n", w))
         for key in mention_keys:
             lexicon, term = key.split("\t", 1)
-            mentions = aggs.mentions.get(key)
-            count = _Ranges(mentions, K).since(lo) if mentions else 0
+            mentions = self.aggs.mentions.get(key)
+            count = _Ranges(mentions, self.K).since(self.K - w + 1) if mentions else 0
             out.add("feedback_mentions", label, count, labels={"lexicon": lexicon, "term": term})
-    return out.items
