@@ -36,6 +36,8 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from ..core.catalogue import CATALOGUE, label_names
+
 __all__ = [
     "CONTENT_TYPE_LATEST",
     "EVENT_OUTCOMES",
@@ -49,8 +51,9 @@ __all__ = [
 EVENT_OUTCOMES = frozenset({"applied", "duplicate", "redelivered", "dead_letter"})
 
 # The only label names a loyalty_* gauge may carry (SPEC section 6: low-cardinality labels
-# only). Anything else -- above all a member id -- is rejected in KpiCollector.update().
-KPI_LABEL_NAMES = frozenset({"window", "tier", "channel", "lexicon", "term"})
+# only): ``window`` and the labels the catalogue gives the KPIs. Anything else -- above all a
+# member id -- is rejected in KpiCollector.update().
+KPI_LABEL_NAMES = frozenset({"window"}) | label_names()
 
 # Per-batch processing time: sub-millisecond batches up to a stalled 10 s batch.
 PROCESSING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -59,45 +62,8 @@ PROCESSING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
 EVENT_LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
                      900.0, 3600.0, 21600.0, 86400.0)
 
-KPI_HELP: dict[str, str] = {
-    "members": "Known loyalty members as of the current bucket.",
-    "active_members": "Members with a purchase or redemption in the window.",
-    "active_rate": "Active members in the window divided by all members.",
-    "new_members": "Members enrolled in the window, per enrollment channel.",
-    "member_growth_rate": "Members now divided by members one window earlier, minus 1.",
-    "enrollment_rate": "New members in the window / (new members + guest orders) in the window.",
-    "tier_members": "Members per current tier.",
-    "redeemers": "Members with at least one redemption in the window.",
-    "redemption_rate": "Redeemers in the window divided by all members.",
-    "redemption_participation": "Redeemers in the window divided by active members.",
-    "points_earned": "Points earned by members in the window.",
-    "points_redeemed": "Points redeemed by members in the window.",
-    "points_burn_rate": "Points redeemed divided by points earned in the window.",
-    "points_liability": "Outstanding (earned, unexpired, unredeemed) points.",
-    "expired_points": "Points that expired unredeemed in the window.",
-    "points_expiring": "Points that will expire unredeemed within the next window.",
-    "breakage_rate": "Share of expired lots' points that were never redeemed.",
-    "churned_members": "Members currently churned (no activity for the churn horizon).",
-    "churn_rate": "Share of members at risk of churning in the window that churned.",
-    "retention_rate": "Share of members at risk of churning in the window that were retained.",
-    "churn_reduction": "Reduction of the churn rate against one window earlier.",
-    "one_and_done_rate": "Share of purchasing members with exactly one purchase.",
-    "repeat_purchase_rate": "Share of purchasing members with a repeat purchase in the window.",
-    "aov_member": "Average order value of member purchases in the window.",
-    "aov_guest": "Average order value of guest purchases in the window.",
-    "member_spend_lift": "Member AOV divided by guest AOV, minus 1.",
-    "member_revenue_share": "Member revenue divided by all revenue in the window.",
-    "avg_margin_member": "Average margin of member orders carrying a margin in the window.",
-    "avg_margin_guest": "Average margin of guest orders carrying a margin in the window.",
-    "margin_lift": "Average member margin divided by average guest margin, minus 1.",
-    "avg_lifetime_spend": "Average lifetime spend of members with at least one purchase.",
-    "survey_responses": "Survey responses received in the window.",
-    "nps": "Net promoter score (100 * (promoters - detractors) / responses) in the window.",
-    "nps_member": "Net promoter score of member responses in the window.",
-    "nps_guest": "Net promoter score of guest responses in the window.",
-    "csat": "Share of CSAT responses scoring 4 or 5 in the window.",
-    "feedback_mentions": "Survey comments mentioning a lexicon term in the window.",
-}
+#: Prometheus HELP text of each ``loyalty_<kpi>`` gauge, from the KPI catalogue.
+KPI_HELP: dict[str, str] = {kpi.name: kpi.help for kpi in CATALOGUE}
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 
