@@ -1,11 +1,12 @@
 # stream-kpis: the two commands of the README, and a few more.
 #   make demo   set everything up, start a local Kafka broker and Redis, run the live demo
 #   make test   set everything up and run the whole test suite (what .ci/run runs)
+#   make soak   fault soak on the real broker: ROUNDS rounds (10) of each scenario, or of SCENARIOS=a,b
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: setup deps demo test test-unit bench services-up services-down lint clean
+.PHONY: setup deps demo test test-unit soak bench services-up services-down lint clean
 
 setup: deps $(VENV)/.installed
 
@@ -27,6 +28,13 @@ test: setup
 
 test-unit: $(VENV)/.installed
 	$(BIN)/python -m pytest -p no:cacheprovider tests/unit tests/property
+
+# Fault soak on the real local broker (scripts/soak.py): a table of exact rounds per scenario;
+# failed rounds are kept under .local/soak/. Exit 1 when any round was wrong.
+ROUNDS ?= 10
+SCENARIOS ?=
+soak: setup
+	$(BIN)/python scripts/soak.py --rounds $(ROUNDS) $(if $(SCENARIOS),--scenarios $(SCENARIOS))
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
