@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stream_kpis.core.catalogue import KPIS
 from stream_kpis.ops.alerts import (
     JOB,
     Target,
@@ -72,22 +73,46 @@ class Panel:
     max: float | None = None
 
 
-def _windowed(kpi: str, title: str, description: str, unit: str = "percentunit",
-              **extra: Any) -> Panel:  # fmt: skip
+#: Grafana unit of each catalogue unit.
+_GRAFANA_UNITS = {"ratio": "percentunit", "score": "none", "count": "short", "points": "short",
+                  "currency": "short"}  # fmt: skip
+
+
+def _describe(kpi: str) -> str:
+    """A KPI panel's description: the catalogue's help text and formula."""
+    entry = KPIS[kpi]
+    return f"{entry.help} Formula: {entry.formula}."
+
+
+def _unit(kpi: str) -> str:
+    return _GRAFANA_UNITS[KPIS[kpi].unit]
+
+
+def _windowed(kpi: str, title: str, **extra: Any) -> Panel:
     """A windowed KPI, one line per window, with its goals."""
-    return Panel(title, description, (Query(kpi_selector(kpi), "{{window}}"),), unit,
+    return Panel(title, _describe(kpi), (Query(kpi_selector(kpi), "{{window}}"),), _unit(kpi),
                  goal_kpi=kpi, **extra)  # fmt: skip
 
 
-def _single(kpi: str, title: str, description: str, unit: str = "short", kind: str = "timeseries",
-            **extra: Any) -> Panel:  # fmt: skip
+def _single(kpi: str, title: str, kind: str = "timeseries", **extra: Any) -> Panel:
     """A KPI without a window."""
-    return Panel(title, description, (Query(kpi_selector(kpi), title),), unit, kind,
+    return Panel(title, _describe(kpi), (Query(kpi_selector(kpi), title),), _unit(kpi), kind,
                  goal_kpi=kpi, **extra)  # fmt: skip
 
 
-def _compare(title: str, description: str, unit: str, *kpis_and_legends: tuple[str, str]) -> Panel:
-    """Several KPIs on the breakdown window in one panel (e.g. member vs guest)."""
+def _breakdown(kpi: str, title: str, expr: str, legend: str, note: str = "", **extra: Any
+               ) -> Panel:  # fmt: skip
+    """A labelled KPI on the breakdown window (or without a window), one series per label."""
+    window = f" Window: {BREAKDOWN_WINDOW}." if KPIS[kpi].windowed else ""
+    return Panel(title, _describe(kpi) + window + note, (Query(expr, legend),), _unit(kpi),
+                 **extra)  # fmt: skip
+
+
+def _compare(title: str, *kpis_and_legends: tuple[str, str]) -> Panel:
+    """Several KPIs of one unit on the breakdown window in one panel (e.g. member vs guest)."""
+    kpis = [kpi for kpi, _ in kpis_and_legends]
+    (unit,) = {_unit(kpi) for kpi in kpis}
+    description = " ".join(KPIS[kpi].help for kpi in kpis) + f" Window: {BREAKDOWN_WINDOW}."
     queries = tuple(
         Query(kpi_selector(kpi, BREAKDOWN_WINDOW), legend) for kpi, legend in kpis_and_legends
     )
@@ -108,127 +133,119 @@ def _quantiles(metric: str) -> tuple[tuple[str, str], ...]:
     )
 
 
-def _rows() -> list[tuple[str, list[Panel]]]:
-    job = f'job="{JOB}"'
-    return [
-        ("Members and acquisition", [
-            _single("members", "Members", "Known members (enrolled, or seen buying or redeeming).",
-                    kind="stat"),
-            _windowed("active_rate", "Active rate",
-                      "Share of members who bought or redeemed within the window."),
-            _windowed("member_growth_rate", "Member growth",
-                      "Members now vs members one window ago, minus 1."),
-            Panel("New members by channel",
-                  f"Members who enrolled within the {BREAKDOWN_WINDOW} window, by acquisition "
-                  "channel.",
-                  (Query(kpi_selector("new_members", BREAKDOWN_WINDOW), "{{channel}}"),),
-                  goal_kpi="new_members"),
-            Panel("Tier mix", "Members by current tier.",
-                  (Query(kpi_selector("tier_members"), "{{tier}}"),), kind="piechart"),
-            _windowed("enrollment_rate", "Enrollment rate",
-                      "New members / (new members + guest orders): share of non-member "
-                      "checkouts that joined."),
-        ]),
-        ("Redemption and points", [
-            _windowed("redemption_rate", "Redemption rate",
-                      "Share of members who redeemed within the window."),
-            _windowed("redemption_participation", "Redemption participation",
-                      "Redeemers / active members: how many active members use their points."),
-            _windowed("points_burn_rate", "Points burn rate",
-                      "Points redeemed / points earned within the window."),
-            _single("points_liability", "Points liability",
-                    "Outstanding points members can still redeem (unexpired, net of "
-                    "unbacked redemptions).", kind="stat"),
-            _compare("Points expiring and expired", f"Points of lots that expire within the "
-                     f"next {BREAKDOWN_WINDOW} and that expired in the last {BREAKDOWN_WINDOW}.",
-                     "short", ("points_expiring", "expiring next " + BREAKDOWN_WINDOW),
-                     ("expired_points", "expired last " + BREAKDOWN_WINDOW)),
-            _single("breakage_rate", "Breakage rate",
-                    "Share of the points that reached their expiry unused.", unit="percentunit"),
-        ]),
-        ("Churn and retention", [
-            _windowed("churn_rate", "Churn rate",
-                      "Share of the members active at the window start who lapsed past the "
-                      "churn horizon."),
-            _windowed("retention_rate", "Retention rate", "1 - churn rate."),
-            _windowed("churn_reduction", "Churn reduction",
-                      "Churn rate one window ago minus churn rate now (positive = churn fell)."),
-            _single("churned_members", "Churned members",
-                    "Members without any activity for the churn horizon."),
-            _single("one_and_done_rate", "One-and-done rate",
-                    "Share of buyers (past the settle period) who bought exactly once.",
-                    unit="percentunit"),
-            _ops("Member signals per day",
-                 "at_risk / churned / reactivated / points_expiring signals sent to "
-                 "marketing automation, per day.", "short",
-                 (f"sum by (signal) (increase(stream_kpis_signals_total{{{job}}}[1d]))",
-                  "{{signal}}")),
-        ]),
-        ("Purchases and spend", [
-            _windowed("repeat_purchase_rate", "Repeat purchase rate",
-                      "Share of buyers in the window who bought at least twice in it."),
-            _compare("Average order value: member vs guest",
-                     f"Revenue / orders, {BREAKDOWN_WINDOW} window, in the order currency.",
-                     "short", ("aov_member", "member"), ("aov_guest", "guest")),
-            _windowed("member_spend_lift", "Member spend lift",
-                      "Member AOV / guest AOV - 1."),
-            _windowed("member_revenue_share", "Member revenue share",
-                      "Member revenue / all revenue."),
-            _compare("Average margin: member vs guest",
-                     f"Margin / orders carrying a margin, {BREAKDOWN_WINDOW} window.", "short",
-                     ("avg_margin_member", "member"), ("avg_margin_guest", "guest")),
-            _windowed("margin_lift", "Margin lift", "Member average margin / guest - 1."),
-            _single("avg_lifetime_spend", "Average lifetime spend",
-                    "Historic spend per member who bought at least once (CLV so far)."),
-        ]),
-        ("Satisfaction and feedback", [
-            _windowed("nps", "NPS", "Net promoter score of all respondents, -100..100.",
-                      unit="none", min=-100, max=100),
-            _compare("NPS: member vs guest", f"NPS by respondent type, {BREAKDOWN_WINDOW} "
-                     "window.", "none", ("nps_member", "member"), ("nps_guest", "guest")),
-            _windowed("csat", "CSAT", "Share of CSAT answers of 4 or 5.", min=0, max=1),
-            _windowed("survey_responses", "Survey responses",
-                      "Survey answers received within the window.", unit="short"),
-            Panel("Feedback mentions",
-                  f"Comments mentioning each lexicon term, {BREAKDOWN_WINDOW} window (top 15).",
-                  (Query(f"topk(15, {kpi_selector('feedback_mentions', BREAKDOWN_WINDOW)})",
-                         "{{lexicon}}: {{term}}"),),
-                  kind="bargauge", goal_kpi="feedback_mentions"),
-        ]),
-        ("Operations", [
-            _ops("Events by topic and outcome", "Consumed events per second.", "ops",
-                 (f"sum by (topic, outcome) (rate(stream_kpis_events_total{{{job}}}[{RATE}]))",
-                  "{{topic}} {{outcome}}")),
-            _ops("Processing latency", "Processing time of an event batch.", "s",
-                 *_quantiles("stream_kpis_processing_seconds")),
-            _ops("Event lag", "Wall clock at processing minus event time (live events).", "s",
-                 *_quantiles("stream_kpis_event_lag_seconds"),
-                 (f"max by (instance) (stream_kpis_watermark_lag_seconds{{{job}}})",
-                  "watermark {{instance}}")),
-            _ops("Consumer lag", "Messages not yet consumed, by input topic (all workers).",
-                 "short",
-                 (f"sum by (topic) (stream_kpis_consumer_lag_messages{{{job}}})", "{{topic}}")),
-            _ops("Dead letters by reason", "Events sent to loyalty.dlq per second.", "ops",
-                 (f"sum by (reason) (rate(stream_kpis_dead_letters_total{{{job}}}[{RATE}]))",
-                  "{{reason}}")),
-            _ops("Duplicates by topic", "Redelivered events ignored per second.", "ops",
-                 (f"sum by (topic) (rate(stream_kpis_duplicates_total{{{job}}}[{RATE}]))",
-                  "{{topic}}")),
-            _ops("Table sizes", "Rows in the workers' state tables (all workers).", "short",
-                 (f"sum by (table) (stream_kpis_table_rows{{{job}}})", "{{table}}")),
-            _ops("Workers and global exporter",
-                 "Workers up, and which one exports the loyalty_* gauges (exactly one).", "short",
-                 (f"up{{{job}}}", "up {{instance}}"),
-                 (f"stream_kpis_global_exporter{{{job}}}", "exporter {{instance}}")),
-            _ops("KPI emissions", "KPI evaluations published per second, and the age of the "
-                 "newest one.", "short",
-                 (f"sum(rate(stream_kpis_kpi_emissions_total{{{job}}}[{RATE}]))", "emissions/s"),
-                 (f"time() - max(stream_kpis_last_emit_timestamp_seconds{{{job}}})",
-                  "seconds since last")),
-            _ops("Redis read-model errors", "Failed read-model writes per second.", "ops",
-                 (f"sum(rate(stream_kpis_redis_errors_total{{{job}}}[{RATE}]))", "errors/s")),
-        ]),
-    ]  # fmt: skip
+_JOB_MATCHER = f'job="{JOB}"'
+_Row = tuple[str, list[Panel]]
+
+
+def _rows() -> list[_Row]:
+    """The dashboard's rows: one per CRM theme, then operations."""
+    return [_members_row(), _points_row(), _churn_row(), _spend_row(), _satisfaction_row(),
+            _operations_row()]  # fmt: skip
+
+
+def _members_row() -> _Row:
+    return ("Members and acquisition", [
+        _single("members", "Members", kind="stat"),
+        _windowed("active_rate", "Active rate"),
+        _windowed("member_growth_rate", "Member growth"),
+        _breakdown("new_members", "New members by channel",
+                   kpi_selector("new_members", BREAKDOWN_WINDOW), "{{channel}}",
+                   goal_kpi="new_members"),
+        _breakdown("tier_members", "Tier mix", kpi_selector("tier_members"), "{{tier}}",
+                   kind="piechart"),
+        _windowed("enrollment_rate", "Enrollment rate"),
+    ])  # fmt: skip
+
+
+def _points_row() -> _Row:
+    return ("Redemption and points", [
+        _windowed("redemption_rate", "Redemption rate"),
+        _windowed("redemption_participation", "Redemption participation"),
+        _windowed("points_burn_rate", "Points burn rate"),
+        _single("points_liability", "Points liability", kind="stat"),
+        _compare("Points expiring and expired",
+                 ("points_expiring", "expiring next " + BREAKDOWN_WINDOW),
+                 ("expired_points", "expired last " + BREAKDOWN_WINDOW)),
+        _single("breakage_rate", "Breakage rate"),
+    ])  # fmt: skip
+
+
+def _churn_row() -> _Row:
+    return ("Churn and retention", [
+        _windowed("churn_rate", "Churn rate"),
+        _windowed("retention_rate", "Retention rate"),
+        _windowed("churn_reduction", "Churn reduction"),
+        _single("churned_members", "Churned members"),
+        _single("one_and_done_rate", "One-and-done rate"),
+        _ops("Member signals per day",
+             "at_risk / churned / reactivated / points_expiring signals sent to "
+             "marketing automation, per day.", "short",
+             (f"sum by (signal) (increase(stream_kpis_signals_total{{{_JOB_MATCHER}}}[1d]))",
+              "{{signal}}")),
+    ])  # fmt: skip
+
+
+def _spend_row() -> _Row:
+    return ("Purchases and spend", [
+        _windowed("repeat_purchase_rate", "Repeat purchase rate"),
+        _compare("Average order value: member vs guest",
+                 ("aov_member", "member"), ("aov_guest", "guest")),
+        _windowed("member_spend_lift", "Member spend lift"),
+        _windowed("member_revenue_share", "Member revenue share"),
+        _compare("Average margin: member vs guest",
+                 ("avg_margin_member", "member"), ("avg_margin_guest", "guest")),
+        _windowed("margin_lift", "Margin lift"),
+        _single("avg_lifetime_spend", "Average lifetime spend"),
+    ])  # fmt: skip
+
+
+def _satisfaction_row() -> _Row:
+    mentions = f"topk(15, {kpi_selector('feedback_mentions', BREAKDOWN_WINDOW)})"
+    return ("Satisfaction and feedback", [
+        _windowed("nps", "NPS", min=-100, max=100),
+        _compare("NPS: member vs guest", ("nps_member", "member"), ("nps_guest", "guest")),
+        _windowed("csat", "CSAT", min=0, max=1),
+        _windowed("survey_responses", "Survey responses"),
+        _breakdown("feedback_mentions", "Feedback mentions", mentions, "{{lexicon}}: {{term}}",
+                   " The 15 most mentioned terms.", kind="bargauge", goal_kpi="feedback_mentions"),
+    ])  # fmt: skip
+
+
+def _operations_row() -> _Row:
+    job = _JOB_MATCHER
+    return ("Operations", [
+        _ops("Events by topic and outcome", "Consumed events per second.", "ops",
+             (f"sum by (topic, outcome) (rate(stream_kpis_events_total{{{job}}}[{RATE}]))",
+              "{{topic}} {{outcome}}")),
+        _ops("Processing latency", "Processing time of an event batch.", "s",
+             *_quantiles("stream_kpis_processing_seconds")),
+        _ops("Event lag", "Wall clock at processing minus event time (live events).", "s",
+             *_quantiles("stream_kpis_event_lag_seconds"),
+             (f"max by (instance) (stream_kpis_watermark_lag_seconds{{{job}}})",
+              "watermark {{instance}}")),
+        _ops("Consumer lag", "Messages not yet consumed, by input topic (all workers).",
+             "short",
+             (f"sum by (topic) (stream_kpis_consumer_lag_messages{{{job}}})", "{{topic}}")),
+        _ops("Dead letters by reason", "Events sent to loyalty.dlq per second.", "ops",
+             (f"sum by (reason) (rate(stream_kpis_dead_letters_total{{{job}}}[{RATE}]))",
+              "{{reason}}")),
+        _ops("Duplicates by topic", "Redelivered events ignored per second.", "ops",
+             (f"sum by (topic) (rate(stream_kpis_duplicates_total{{{job}}}[{RATE}]))",
+              "{{topic}}")),
+        _ops("Table sizes", "Rows in the workers' state tables (all workers).", "short",
+             (f"sum by (table) (stream_kpis_table_rows{{{job}}})", "{{table}}")),
+        _ops("Workers and global exporter",
+             "Workers up, and which one exports the loyalty_* gauges (exactly one).", "short",
+             (f"up{{{job}}}", "up {{instance}}"),
+             (f"stream_kpis_global_exporter{{{job}}}", "exporter {{instance}}")),
+        _ops("KPI emissions", "KPI evaluations published per second, and the age of the "
+             "newest one.", "short",
+             (f"sum(rate(stream_kpis_kpi_emissions_total{{{job}}}[{RATE}]))", "emissions/s"),
+             (f"time() - max(stream_kpis_last_emit_timestamp_seconds{{{job}}})",
+              "seconds since last")),
+        _ops("Redis read-model errors", "Failed read-model writes per second.", "ops",
+             (f"sum(rate(stream_kpis_redis_errors_total{{{job}}}[{RATE}]))", "errors/s")),
+    ])  # fmt: skip
 
 
 def _threshold_steps(targets: Sequence[Target]) -> list[dict[str, Any]] | None:
