@@ -108,7 +108,8 @@ def replay(files: tuple[Path, ...], config_path: Path | None, output: str, every
     """Replay event files through the KPI core and print the KPIs as of the last event.
 
     FILES are JSON Lines (one event per line with a "type" field) or CSV with our column names;
-    mapped CSV exports are listed in the config's [[replay.sources]].
+    "-" reads JSON Lines from standard input. Mapped CSV exports are listed in the config's
+    [[replay.sources]].
     """
     from .replay import replay as run_replay
 
@@ -137,8 +138,9 @@ def replay(files: tuple[Path, ...], config_path: Path | None, output: str, every
         if output == "jsonl":
             out.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
 
-    total = sum(s.path.stat().st_size for s in sources if s.path.exists())
-    show_progress = sys.stderr.isatty() if progress is None else progress
+    total = sum(s.path.stat().st_size for s in sources if not s.is_stdin and s.path.exists())
+    reads_stdin = any(s.is_stdin for s in sources)  # of unknown size: no default progress bar
+    show_progress = sys.stderr.isatty() and not reads_stdin if progress is None else progress
     try:
         if show_progress:
             from rich.console import Console

@@ -2,8 +2,9 @@
 
 Sources are JSON Lines (one event per line with a ``type`` field) or CSV exports mapped to our
 field names by ``[[replay.sources]]`` entries of the TOML config (``path``, ``type``, ``format``,
-``ts_format``, ``columns``; see README). Bad lines become dead letters with the file and line;
-they are counted, optionally written to a file, and never stop the replay.
+``ts_format``, ``columns``; see README). The path ``-`` is standard input (JSON Lines). Bad lines
+become dead letters with the file and line; they are counted, optionally written to a file, and
+never stop the replay.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import heapq
 import io
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +28,10 @@ from .core.timebase import parse_rfc3339_ms
 from .exceptions import ConfigError, InputFileError
 from .settings import Settings, read_toml
 
-__all__ = ["Source", "load_sources", "source_for_path", "read_source", "replay", "ReplayResult"]
+__all__ = ["Source", "STDIN", "load_sources", "source_for_path", "read_source", "CsvRow",
+           "read_csv_rows", "replay", "ReplayResult"]
+
+STDIN = Path("-")  # the path of standard input on the command line
 
 _NUMBER_FIELDS = {"amount", "margin", "value"}
 _INT_FIELDS = {"points", "nps", "csat"}
@@ -46,6 +51,15 @@ class Source:
     columns: dict[str, str] = field(default_factory=dict)  # our field -> their column
     delimiter: str = ","
     encoding: str = "utf-8"
+
+    @property
+    def is_stdin(self) -> bool:
+        return self.path == STDIN
+
+    @property
+    def name(self) -> str:
+        """The file as dead letters name it (their ``topic``)."""
+        return "<stdin>" if self.is_stdin else str(self.path)
 
 
 def _where(config: Path, index: int) -> str:
@@ -100,7 +114,8 @@ def _format_of(path: Path) -> str:
 
 
 def source_for_path(path: str | Path) -> Source:
-    """A source for a file named on the command line: JSONL, or CSV with our column names."""
+    """A source for a file named on the command line: JSONL, or CSV with our column names;
+    ``-`` is standard input, read as JSONL."""
     return Source(path=Path(path), format=_format_of(Path(path)))
 
 
@@ -129,8 +144,22 @@ class _RowError(Exception):
         self.reason = reason
 
 
-def _csv_rows(source: Source, handle: io.TextIOBase) -> Iterator[tuple[int, dict | None, bytes]]:
-    """(line number, mapped event dict or None, raw) per CSV row."""
+@dataclass(frozen=True, slots=True)
+class CsvRow:
+    """One CSV data row mapped to our field names, or the reason it could not be."""
+
+    line: int                      # the row's line in the file (the dead letter's offset)
+    fields: dict[str, Any]         # our field name -> converted value; {} when ``error``
+    raw: bytes                     # the row as JSON: the original value of a dead letter
+    error: tuple[str, str] | None  # (dead-letter reason, detail) when the row is unusable
+
+
+def read_csv_rows(source: Source, handle: io.TextIOBase) -> Iterator[CsvRow]:
+    """The rows of a CSV source, mapped through its ``columns`` and ``ts_format``.
+
+    Raises InputFileError when a column named in the config is missing from the header; a bad
+    cell makes that row an error row, never an exception.
+    """
     reader = csv.DictReader(handle, delimiter=source.delimiter)
     header = reader.fieldnames or []
     missing = [theirs for theirs in source.columns.values() if theirs not in header]
@@ -141,34 +170,39 @@ def _csv_rows(source: Source, handle: io.TextIOBase) -> Iterator[tuple[int, dict
     mapping.update(source.columns)
     to_ts = _timestamp_converter(source.ts_format)
     for row in reader:
-        line = reader.line_num
         extra = row.pop(None, None)  # cells beyond the header
         raw = orjson.dumps(row if extra is None else {**row, "_extra_cells": extra})
-        event: dict[str, Any] = {}
         try:
             if extra is not None:
                 raise _RowError("bad_value", f"the row has {len(extra)} more cell(s) than the header")
-            for ours, theirs in mapping.items():
-                text = row.get(theirs)
-                if text is None or text.strip() == "":
-                    continue  # an empty cell is a missing value (an empty card id: a non-member)
-                text = text.strip()
-                if ours == "ts":
-                    try:
-                        event[ours] = to_ts(text)
-                    except ValueError:
-                        raise _RowError("bad_timestamp", f"ts {text!r} does not match ts_format "
-                                                         f"{source.ts_format!r}") from None
-                elif ours in _NUMBER_FIELDS:
-                    event[ours] = _convert(float, ours, text)
-                elif ours in _INT_FIELDS:
-                    event[ours] = _convert(int, ours, text)
-                else:
-                    event[ours] = text
+            fields = _mapped_fields(row, mapping, to_ts, source.ts_format)
         except _RowError as exc:
-            yield line, {"__error__": str(exc), "__reason__": exc.reason}, raw
+            yield CsvRow(reader.line_num, {}, raw, (exc.reason, str(exc)))
             continue
-        yield line, event, raw
+        yield CsvRow(reader.line_num, fields, raw, None)
+
+
+def _mapped_fields(row: dict[str, str], mapping: dict[str, str], to_ts: Callable[[str], Any],
+                   ts_format: str) -> dict[str, Any]:
+    event: dict[str, Any] = {}
+    for ours, theirs in mapping.items():
+        text = row.get(theirs)
+        if text is None or text.strip() == "":
+            continue  # an empty cell is a missing value (an empty card id: a non-member)
+        text = text.strip()
+        if ours == "ts":
+            try:
+                event[ours] = to_ts(text)
+            except ValueError:
+                raise _RowError("bad_timestamp", f"ts {text!r} does not match ts_format "
+                                                 f"{ts_format!r}") from None
+        elif ours in _NUMBER_FIELDS:
+            event[ours] = _convert(float, ours, text)
+        elif ours in _INT_FIELDS:
+            event[ours] = _convert(int, ours, text)
+        else:
+            event[ours] = text
+    return event
 
 
 def _convert(kind: type, name: str, text: str) -> Any:
@@ -182,35 +216,54 @@ def _convert(kind: type, name: str, text: str) -> Any:
 def read_source(source: Source, parser: EventParser,
                 on_bytes: Callable[[int], None] | None = None
                 ) -> Iterator[Event | DeadLetter]:
-    """Events and dead letters of one source, in file order."""
+    """Events and dead letters of one source, in file order.
+
+    ``on_bytes`` receives the bytes read so far, now and then (not for standard input).
+    """
+    if source.is_stdin:  # a pipe: no size, no position, and not ours to close
+        yield from _read_file(source, sys.stdin.buffer, parser, None)
+        return
     try:
         handle: BinaryIO = open(source.path, "rb")  # noqa: SIM115 (closed below)
     except OSError as exc:
         raise InputFileError(f"cannot read {source.path}: {exc.strerror}; check the path") from None
     with handle:
-        if source.format == "jsonl":
-            yield from _read_jsonl(source, handle, parser, on_bytes)
-        else:
-            text = io.TextIOWrapper(handle, encoding=source.encoding, newline="")
-            for line, obj, raw in _csv_rows(source, text):
-                if on_bytes is not None:
-                    on_bytes(len(raw))
-                if "__error__" in obj:
-                    dead = DeadLetter(obj["__reason__"], obj["__error__"], raw)
-                else:
-                    dead_or_event = parser.validate(obj, raw, source.type)
-                    if isinstance(dead_or_event, Event):
-                        yield dead_or_event
-                        continue
-                    dead = dead_or_event
-                dead.topic, dead.offset = str(source.path), line
-                yield dead
+        yield from _read_file(source, handle, parser, on_bytes)
+
+
+def _read_file(source: Source, handle: BinaryIO, parser: EventParser,
+               on_bytes: Callable[[int], None] | None) -> Iterator[Event | DeadLetter]:
+    if source.format == "jsonl":
+        return _read_jsonl(source, handle, parser, on_bytes)
+    return _read_csv(source, handle, parser, on_bytes)
+
+
+def _read_csv(source: Source, handle: BinaryIO, parser: EventParser,
+              on_bytes: Callable[[int], None] | None) -> Iterator[Event | DeadLetter]:
+    text = io.TextIOWrapper(handle, encoding=source.encoding, newline="")
+    try:
+        for number, row in enumerate(read_csv_rows(source, text), 1):
+            if on_bytes is not None and number % 4096 == 0:
+                on_bytes(handle.tell())  # the text layer reads ahead: close enough for progress
+            if row.error is not None:
+                dead = DeadLetter(*row.error, row.raw)
+            else:
+                dead_or_event = parser.validate(row.fields, row.raw, source.type)
+                if isinstance(dead_or_event, Event):
+                    yield dead_or_event
+                    continue
+                dead = dead_or_event
+            dead.topic, dead.offset = source.name, row.line
+            yield dead
+    finally:
+        text.detach()  # the caller closes the handle (never standard input)
 
 
 def _read_jsonl(source: Source, handle: BinaryIO, parser: EventParser,
                 on_bytes: Callable[[int], None] | None) -> Iterator[Event | DeadLetter]:
     parse = parser.parse
     kind = source.type
+    name = source.name
     for number, line in enumerate(handle, 1):
         if on_bytes is not None and number % 4096 == 0:
             on_bytes(handle.tell())
@@ -219,7 +272,7 @@ def _read_jsonl(source: Source, handle: BinaryIO, parser: EventParser,
             continue
         item = parse(line, kind)
         if item.__class__ is DeadLetter:
-            item.topic, item.offset = str(source.path), number
+            item.topic, item.offset = name, number
         yield item
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from ..exceptions import ConfigError, StreamKpisError
-from ..replay import Source, _csv_rows
+from ..replay import Source, read_csv_rows
 from ..settings import ENV, Settings
 
 __all__ = ["bootstrap_servers", "client_config", "create_topics", "check_copartitioning",
@@ -195,12 +195,12 @@ def _file_messages(source: Source, settings: Settings) -> Iterator[tuple[str, by
                 yield topics.get(kind, fallback), event_key(obj), line
     else:
         with open(source.path, encoding=source.encoding, newline="") as handle:
-            for _, obj, raw in _csv_rows(source, handle):
-                if "__error__" in obj:
-                    yield topics.get(source.type, fallback), None, raw
+            for row in read_csv_rows(source, handle):
+                if row.error is not None:
+                    yield topics.get(source.type, fallback), None, row.raw
                     continue
-                kind = source.type or obj.get("type")
-                yield topics.get(kind, fallback), event_key(obj), orjson.dumps(obj)
+                kind = source.type or row.fields.get("type")
+                yield topics.get(kind, fallback), event_key(row.fields), orjson.dumps(row.fields)
 
 
 def produce_sources(sources: Iterable[Source], settings: Settings, rate: float = 0,

@@ -13,6 +13,8 @@ K = the bucket of Jan 6 10:30 -> as of its end, 2024-01-06T11:00:00Z.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -178,6 +180,30 @@ def test_replay_csv_with_our_column_names(replay, tmp_path):
     assert kpi(records, "members") == (1, None, None)
     assert kpi(records, "member_revenue_share", "7d") == (12.5 / 20.0, 12.5, 20.0)
     assert kpi(records, "points_earned", "7d") == (3, None, None)
+
+
+# --- standard input ---------------------------------------------------------------------------
+
+
+def test_replay_dash_reads_standard_input(replay, tmp_path):
+    """``replay -`` through a real pipe (a pipe has no size and no position, unlike a file)."""
+    dead_path = tmp_path / "dead.jsonl"
+    piped = subprocess.run(
+        [sys.executable, "-m", "stream_kpis", "replay", "-", "--output", "jsonl",
+         "--dead-letters", str(dead_path)],
+        input=EVENTS.read_bytes(), capture_output=True, timeout=120, check=True)
+    records = by_key(jsonl(piped.stdout))
+    # the same hand-worked values as from the file (see the module docstring)
+    assert {r["as_of"] for r in records.values()} == {"2024-01-06T11:00:00Z"}
+    assert kpi(records, "members") == (2, None, None)
+    assert kpi(records, "aov_member", "7d") == (30.0, 60.0, 2)
+    assert kpi(records, "points_burn_rate", "7d") == (0.25, 15, 60)
+    assert records == by_key(jsonl(replay(EVENTS, "--output", "jsonl").stdout))
+    assert piped.stderr.decode().strip().startswith("applied 7 events, 1 duplicates, 3 dead letters")
+    dead = jsonl(dead_path.read_bytes())
+    assert [(d["topic"], d["offset"], d["reason"]) for d in dead] == [
+        ("<stdin>", 7, "malformed_json"), ("<stdin>", 8, "negative_amount"),
+        ("<stdin>", 10, "unknown_type")]
 
 
 # --- mapped CSV -------------------------------------------------------------------------------
