@@ -4,7 +4,7 @@ The real core computes KPIs incrementally from per-bucket histograms. This modul
 recomputes them from scratch from the raw event list, the most obvious way, so that
 property tests can check the core against it (SPEC section 4: "it must equal a
 brute-force computation over the same events"). It was written from SPEC.md
-sections 1-4.1 and the internal CONTRACT.md only, without looking at the core.
+sections 1-4.3 and the internal CONTRACT.md only, without looking at the core.
 
 Rules of the game: no histograms, no incremental structures, no cleverness. Every
 KPI is a loop over the de-duplicated events or over the members, whose fields are
@@ -14,21 +14,93 @@ use ``math.fsum`` so that the result does not depend on the arrival order.
 
 ``churn_reduction`` is not computed: it depends on the evaluation history, not on
 the events alone.
+
+Segments (SPEC 4.2) are computed by re-running this same brute force over a sub-stream:
+for a member dimension, the events of the members whose value is v; for an order
+dimension, the purchases whose value is v. The KPIs the SPEC lists for that kind of
+dimension are then taken from that run and labelled ``{dimension: v}``. Cohorts (SPEC
+4.3) are a loop over calendar months and members. Decisions where the SPEC is silent:
+
+- "As of K" means over all the events given, as everywhere in this oracle (timestamps
+  after K count as K): a member's tier, enrollment channel and home store take events
+  after K into account.
+- Segment values: for a member dimension, the values the known members have (every
+  known member counts in ``members``); for an order dimension, the values of all
+  purchases given, member or guest, inside any window or not. Every value gets every
+  KPI of its kind for every window (churn_rate/retention_rate only for w <= h, like the
+  unsegmented ones), even when no member or order of that value falls in the window:
+  counts are then 0 and ratios null, exactly as the unsegmented KPIs over no data.
+- A field "carries" a value when it is present and not empty (None or "" -> "unknown"),
+  as for the enrollment channel. ``home_store``: earliest purchase by raw event time
+  (not clamped), ties by the smaller event_id; a member with no store-carrying purchase
+  (or no purchase at all) is "unknown". Enrollment channels never create ``channel``
+  order values and guest stores never create ``home_store`` values.
+- An unknown dimension name raises ValueError; a name given twice is computed once.
+- Months are UTC calendar months. The month of K is the month in which bucket K starts.
+  A member's cohort is the month of ``min(enrolled_at, start of bucket K)``: the month of
+  enrolled_at, except that an enrollment after bucket K counts as K (so it is in the
+  cohort of month(K), and every member counts in some cohort). An activity (purchase or
+  redemption; not enrollments, not surveys) is in the month in which its clamped bucket
+  ``min(ts // bucket, K)`` starts. Activity is matched by month only: an activity before
+  enrolled_at in the cohort month counts at age 0, one in an earlier month at no age.
+- ``cohorts <= 0`` gives no cohort records; ``cohort_ages <= 0`` gives cohort_size only.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
-__all__ = ["brute_force_kpis", "mentions"]
+__all__ = [
+    "MEMBER_DIMENSIONS",
+    "MEMBER_SEGMENT_KPIS",
+    "ORDER_DIMENSIONS",
+    "ORDER_SEGMENT_KPIS",
+    "brute_force_kpis",
+    "mentions",
+]
 
 Labels = tuple[tuple[str, str], ...]
 Key = tuple[str, str | None, Labels]
 Value = tuple[float | int | None, float | int | None, float | int | None]
 
 _WORD_CHAR = re.compile(r"\w")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+#: SPEC 4.2: the dimensions and the KPIs each kind of dimension applies to.
+MEMBER_DIMENSIONS = ("tier", "enrollment_channel", "home_store")
+ORDER_DIMENSIONS = ("channel", "store_id")
+MEMBER_SEGMENT_KPIS = frozenset(
+    {
+        "members",
+        "active_members",
+        "active_rate",
+        "redeemers",
+        "redemption_rate",
+        "redemption_participation",
+        "churned_members",
+        "churn_rate",
+        "retention_rate",
+        "repeat_purchase_rate",
+        "one_and_done_rate",
+        "points_liability",
+        "avg_lifetime_spend",
+    }
+)
+ORDER_SEGMENT_KPIS = frozenset(
+    {
+        "aov_member",
+        "aov_guest",
+        "member_spend_lift",
+        "member_revenue_share",
+        "avg_margin_member",
+        "avg_margin_guest",
+        "margin_lift",
+    }
+)
 
 
 @dataclass
@@ -38,6 +110,7 @@ class _Member:
     enrolled_at: int
     channel: str
     tier: str
+    home_store: str
     last_activity: int | None
     last_touch: int
     first_purchase: int | None
@@ -89,12 +162,16 @@ def _build_member(own: list[dict]) -> _Member:
     else:
         tier = "unknown"
 
+    stored = [e for e in purchases if e.get("store_id")]
+    home_store = min(stored, key=lambda e: (e["ts"], e["event_id"]))["store_id"] if stored else "unknown"
+
     last_activity = max(activity) if activity else None
     purchase_ts_desc = sorted((e["ts"] for e in purchases), reverse=True)
     return _Member(
         enrolled_at=enrolled_at,
         channel=channel,
         tier=tier,
+        home_store=home_store,
         last_activity=last_activity,
         last_touch=enrolled_at if last_activity is None else max(enrolled_at, last_activity),
         first_purchase=min(purchase_ts_desc) if purchase_ts_desc else None,
@@ -188,6 +265,16 @@ def _lift(top: float | None, bottom: float | None) -> Value:
     return (value, top, bottom)
 
 
+def _month(ts_ms: int) -> int:
+    """The UTC calendar month of an epoch-ms instant, as a month count (year * 12 + month - 1)."""
+    moment = _EPOCH + timedelta(milliseconds=ts_ms)
+    return moment.year * 12 + moment.month - 1
+
+
+def _month_label(month: int) -> str:
+    return f"{month // 12:04d}-{month % 12 + 1:02d}"
+
+
 def brute_force_kpis(
     events: list[dict],
     *,
@@ -199,6 +286,9 @@ def brute_force_kpis(
     points_validity_ms: int | None = None,
     lexicons: dict[str, list[str]] | None = None,
     window_labels: dict[int, str] | None = None,
+    segments: Sequence[str] = (),
+    cohorts: int = 12,
+    cohort_ages: int = 12,
 ) -> dict[Key, Value]:
     """Every KPI except churn_reduction, as of bucket ``as_of``, by brute force.
 
@@ -206,12 +296,23 @@ def brute_force_kpis(
     ``windows``, ``churn_horizon``, ``settle``: in buckets. Returns
     ``{(kpi, window_label or None, labels): (value, numerator, denominator)}``, labels
     being a tuple of sorted (key, value) pairs, () when unlabelled.
+
+    ``segments``: dimensions of SPEC 4.2 (``MEMBER_DIMENSIONS``, ``ORDER_DIMENSIONS``); each
+    adds its KPIs per value v under labels ``((dimension, v),)``. ``cohorts`` and
+    ``cohort_ages`` (SPEC 4.3, defaults 12 and 12) add ``cohort_size`` under
+    ``(("cohort", "YYYY-MM"),)`` and ``cohort_retention`` under
+    ``(("age", "a"), ("cohort", "YYYY-MM"))``, both with window None.
     """
     K = as_of
     h = churn_horizon
     events = _dedupe(events)
     window_labels = window_labels or {}
     lexicons = lexicons or {}
+    for dimension in segments:
+        if dimension not in MEMBER_DIMENSIONS + ORDER_DIMENSIONS:
+            raise ValueError(
+                f"unknown segment dimension {dimension!r}: use {MEMBER_DIMENSIONS + ORDER_DIMENSIONS}"
+            )
 
     def clamp(ts: int) -> int:
         return min(ts // bucket_ms, K)
@@ -220,7 +321,8 @@ def brute_force_kpis(
         return ts is not None and lo <= clamp(ts) <= hi
 
     own_events = _members_events(events)
-    members = [_build_member(own) for own in own_events.values()]
+    members_by_id = {member_id: _build_member(own) for member_id, own in own_events.items()}
+    members = list(members_by_id.values())
 
     def count(field: str, lo: float, hi: float, where=lambda m: True) -> int:
         return sum(1 for m in members if within(getattr(m, field), lo, hi) and where(m))
@@ -354,4 +456,67 @@ def brute_force_kpis(
             for term in terms:
                 hits = sum(1 for e in surveys if mentions(e.get("comment"), term))
                 put("feedback_mentions", label, plain(hits), (("lexicon", lexicon), ("term", term)))
+
+    # Segments (SPEC 4.2): the unsegmented brute force above, re-run over a sub-stream.
+    def over(sub_events: list[dict]) -> dict[Key, Value]:
+        return brute_force_kpis(
+            sub_events,
+            bucket_ms=bucket_ms,
+            windows=windows,
+            churn_horizon=churn_horizon,
+            settle=settle,
+            as_of=as_of,
+            points_validity_ms=points_validity_ms,
+            window_labels=window_labels,
+            cohorts=0,
+        )
+
+    def put_segment(dimension: str, value: str, kpis: frozenset[str], sub_events: list[dict]) -> None:
+        for (kpi, window, _), result in over(sub_events).items():
+            if kpi in kpis:
+                put(kpi, window, result, ((dimension, value),))
+
+    member_value = {
+        "tier": lambda m: m.tier,
+        "enrollment_channel": lambda m: m.channel,
+        "home_store": lambda m: m.home_store,
+    }
+    purchases = [e for e in events if e["type"] == "purchase"]
+    for dimension in dict.fromkeys(segments):
+        if dimension in MEMBER_DIMENSIONS:
+            value_of = member_value[dimension]
+            for value in sorted({value_of(m) for m in members}):
+                chosen = [member_id for member_id, m in members_by_id.items() if value_of(m) == value]
+                sub_events = [e for member_id in chosen for e in own_events[member_id]]
+                put_segment(dimension, value, MEMBER_SEGMENT_KPIS, sub_events)
+        else:
+            for value in sorted({e.get(dimension) or "unknown" for e in purchases}):
+                sub_events = [e for e in purchases if (e.get(dimension) or "unknown") == value]
+                put_segment(dimension, value, ORDER_SEGMENT_KPIS, sub_events)
+
+    # Cohorts (SPEC 4.3).
+    month_of_K = _month(K * bucket_ms)
+    for cohort in range(month_of_K - cohorts + 1, month_of_K + 1):
+        in_cohort = [
+            member_id
+            for member_id, m in members_by_id.items()
+            if _month(min(m.enrolled_at, K * bucket_ms)) == cohort
+        ]
+        if not in_cohort:
+            continue
+        cohort_label = ("cohort", _month_label(cohort))
+        put("cohort_size", None, plain(len(in_cohort)), (cohort_label,))
+        for age in range(cohort_ages):
+            if cohort + age > month_of_K:
+                break
+            retained = 0
+            for member_id in in_cohort:
+                activity_months = {
+                    _month(clamp(e["ts"]) * bucket_ms)
+                    for e in own_events[member_id]
+                    if e["type"] in ("purchase", "redemption")
+                }
+                if cohort + age in activity_months:
+                    retained += 1
+            put("cohort_retention", None, _ratio(retained, len(in_cohort)), (("age", str(age)), cohort_label))
     return out

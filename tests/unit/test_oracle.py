@@ -5,14 +5,18 @@ event dicts through EventParser.validate into stream_kpis.core.Processor and eva
 the same bucket. Oracle-only helpers (``mentions``) are tested directly.
 
 Every expected number below is worked out by hand in the comments from SPEC.md
-sections 1-4.1 and CONTRACT.md, never copied from the oracle's output. Buckets are
+sections 1-4.3 and CONTRACT.md, never copied from the oracle's output. Buckets are
 1 h wide; ``at(k)`` is the start of bucket k. Window [a, b] means buckets a..b.
+
+The segment (SPEC 4.2) and cohort (SPEC 4.3) examples at the end call the oracle only: the
+test settings of the core (conftest.build_settings) take no segments or cohorts.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from datetime import datetime
 
 import pytest
 from pytest import approx
@@ -21,7 +25,23 @@ from tests.conftest import B, enrollment, purchase, redemption, survey
 from tests.oracle import brute_force_kpis, mentions
 
 
-def run_oracle(events, *, as_of, windows=(3,), h=4, s=4, validity=None, lexicons=None, labels=None):
+def run_oracle(
+    events,
+    *,
+    as_of,
+    windows=(3,),
+    h=4,
+    s=4,
+    validity=None,
+    lexicons=None,
+    labels=None,
+    segments=(),
+    cohorts=0,
+    cohort_ages=12,
+):
+    """The oracle with the examples' defaults. Cohorts are off unless asked for (``cohorts=0``):
+    the section 4-4.1 examples also run on the core, whose test settings (conftest.build_settings)
+    have no segments or cohorts; the 4.2 and 4.3 examples below run on the oracle only."""
     return brute_force_kpis(
         list(events),
         bucket_ms=B,
@@ -32,6 +52,9 @@ def run_oracle(events, *, as_of, windows=(3,), h=4, s=4, validity=None, lexicons
         points_validity_ms=validity,
         lexicons=lexicons,
         window_labels=labels,
+        segments=list(segments),
+        cohorts=cohorts,
+        cohort_ages=cohort_ages,
     )
 
 
@@ -48,9 +71,7 @@ def run(request, make_processor, result_of):
         return run_oracle
 
     def run_core(events, *, as_of, windows=(3,), h=4, s=4, validity=None, lexicons=None, labels=None):
-        processor = make_processor(
-            events, windows=windows, h=h, s=s, validity_ms=validity, lexicons=lexicons
-        )
+        processor = make_processor(events, windows=windows, h=h, s=s, validity_ms=validity, lexicons=lexicons)
         labels = labels or {}
         rename = {
             core_label: labels.get(w, f"{w}b") for w, core_label in processor.settings.window_labels.items()
@@ -587,3 +608,504 @@ def test_every_kpi_for_every_window_with_labels(run):
         (("channel", "store"),),
         (("channel", "unknown"),),
     }
+
+
+# --- segments (SPEC 4.2) and cohorts (SPEC 4.3): oracle only -------------------------------
+
+MEMBER_KPIS_NON_WINDOWED = {
+    "members",
+    "churned_members",
+    "one_and_done_rate",
+    "points_liability",
+    "avg_lifetime_spend",
+}
+MEMBER_KPIS_WINDOWED = {
+    "active_members",
+    "active_rate",
+    "redeemers",
+    "redemption_rate",
+    "redemption_participation",
+    "repeat_purchase_rate",
+}
+ORDER_KPIS = {
+    "aov_member",
+    "aov_guest",
+    "member_spend_lift",
+    "member_revenue_share",
+    "avg_margin_member",
+    "avg_margin_guest",
+    "margin_lift",
+}
+SEGMENTED_KPIS = MEMBER_KPIS_NON_WINDOWED | MEMBER_KPIS_WINDOWED | CHURN_WINDOWED | ORDER_KPIS
+
+
+def with_fields(event, **fields):
+    """An event dict with extra fields (the conftest builders take no channel or store_id)."""
+    return {**event, **fields}
+
+
+def segment(result, dimension, value):
+    """``{(kpi, window): (value, num, den)}`` of the segmented records labelled {dimension: value}.
+
+    Only the KPIs of SPEC 4.2: new_members{channel} shares the label name "channel"."""
+    return {
+        (name, window): v
+        for (name, window, labels), v in result.items()
+        if name in SEGMENTED_KPIS and labels == ((dimension, value),)
+    }
+
+
+def segment_values(result, dimension):
+    return {
+        labels[0][1]
+        for name, _, labels in result
+        if name in SEGMENTED_KPIS and labels and labels[0][0] == dimension
+    }
+
+
+def hour(text):
+    """The bucket (of B = 1 h) of a UTC time written "YYYY-MM-DDTHH"."""
+    return int(datetime.fromisoformat(f"{text}:00+00:00").timestamp() * 1000) // B
+
+
+def tier_events():
+    # K = 10, 3b = [8, 10], h = 4 (churned: last_touch <= 6; churn window [4, 6]), s = 4 (K-s = 6)
+    # t1: enrolled b0 as bronze, bought b2 (40.0, 10 pts, tier gold), bought b9 (20.0, no tier)
+    #     -> gold; last_activity 9; 2 purchases (first 2, last 9, prev 2); spend 60; points +10
+    # t2: enrolled b1 as gold, redeemed 4 pts at b9 -> gold; last_activity = last_redemption = 9;
+    #     no purchase; points -4
+    # t3: enrolled b2 as gold, bought b3 (30.0, 3 pts, tier silver): the newer tier moves t3, with
+    #     all of its history, to silver; last_touch 3; one purchase (first 3); spend 30; points +3
+    # t4: implicit, bought b8 (10.0), never a tier -> unknown; enrolled_at 8; one purchase
+    return [
+        enrollment("e-st1", "t1", 0, tier="bronze"),
+        purchase("p-st1a", "t1", 2, 40.0, points=10, tier="gold"),
+        purchase("p-st1b", "t1", 9, 20.0),
+        enrollment("e-st2", "t2", 1, tier="gold"),
+        redemption("r-st2", "t2", 9, 4),
+        enrollment("e-st3", "t3", 2, tier="gold"),
+        purchase("p-st3", "t3", 3, 30.0, points=3, tier="silver"),
+        purchase("p-st4", "t4", 8, 10.0),
+        purchase("g-st", None, 9, 99.0, tier="diamond"),  # guests have no tier
+    ]
+
+
+def test_segments_by_tier_every_member_kpi():
+    r = run_oracle(tier_events(), as_of=10, windows=(3,), h=4, s=4, segments=["tier"])
+    # bronze (t1's old tier) and diamond (a guest's) are nobody's current tier
+    assert segment_values(r, "tier") == {"gold", "silver", "unknown"}
+    # gold = t1, t2. active in [8, 10]: t1 (9), t2 (9); redeemer t2 (9). churn: nobody's
+    # last_touch in [4, 6]; base = last_touch >= 4 (t1, t2) - enrolled_at >= 8 (none) = 2.
+    # repeat: last in window t1 (9), its prev 2 is not. one-and-done: first <= 6 t1 (2), who has 2
+    # purchases. liability 10 - 4 = 6. lifetime: t1's 60 over 1 buyer.
+    assert segment(r, "tier", "gold") == {
+        ("members", None): (2, None, None),
+        ("active_members", "3b"): (2, None, None),
+        ("active_rate", "3b"): (1.0, 2, 2),
+        ("redeemers", "3b"): (1, None, None),
+        ("redemption_rate", "3b"): (0.5, 1, 2),
+        ("redemption_participation", "3b"): (0.5, 1, 2),
+        ("churned_members", None): (0, None, None),
+        ("churn_rate", "3b"): (0.0, 0, 2),
+        ("retention_rate", "3b"): (1.0, 2, 2),
+        ("repeat_purchase_rate", "3b"): (0.0, 0, 1),
+        ("one_and_done_rate", None): (0.0, 0, 1),
+        ("points_liability", None): (6, None, None),
+        ("avg_lifetime_spend", None): (60.0, 60.0, 1),
+    }
+    # silver = t3: last_touch 3 -> churned, but outside the churn window [4, 6] and not in the base
+    # (last_touch >= 4): churn 0 / 0. One purchase at 3 <= 6: one-and-done 1 / 1.
+    assert segment(r, "tier", "silver") == {
+        ("members", None): (1, None, None),
+        ("active_members", "3b"): (0, None, None),
+        ("active_rate", "3b"): (0.0, 0, 1),
+        ("redeemers", "3b"): (0, None, None),
+        ("redemption_rate", "3b"): (0.0, 0, 1),
+        ("redemption_participation", "3b"): (None, 0, 0),
+        ("churned_members", None): (1, None, None),
+        ("churn_rate", "3b"): (None, 0, 0),
+        ("retention_rate", "3b"): (None, 0, 0),
+        ("repeat_purchase_rate", "3b"): (None, 0, 0),
+        ("one_and_done_rate", None): (1.0, 1, 1),
+        ("points_liability", None): (3, None, None),
+        ("avg_lifetime_spend", None): (30.0, 30.0, 1),
+    }
+    # unknown = t4: active (8); base = last_touch >= 4 (t4) - enrolled_at >= 8 (t4) = 0.
+    # repeat: last 8 in window, no prev. first purchase 8 > 6: not settled.
+    assert segment(r, "tier", "unknown") == {
+        ("members", None): (1, None, None),
+        ("active_members", "3b"): (1, None, None),
+        ("active_rate", "3b"): (1.0, 1, 1),
+        ("redeemers", "3b"): (0, None, None),
+        ("redemption_rate", "3b"): (0.0, 0, 1),
+        ("redemption_participation", "3b"): (0.0, 0, 1),
+        ("churned_members", None): (0, None, None),
+        ("churn_rate", "3b"): (None, 0, 0),
+        ("retention_rate", "3b"): (None, 0, 0),
+        ("repeat_purchase_rate", "3b"): (0.0, 0, 1),
+        ("one_and_done_rate", None): (None, 0, 0),
+        ("points_liability", None): (0, None, None),
+        ("avg_lifetime_spend", None): (10.0, 10.0, 1),
+    }
+
+    # Without t3's silver purchase, t3 stays gold (enrolled b2, no activity: last_touch 2).
+    r = run_oracle(
+        [e for e in tier_events() if e["event_id"] != "p-st3"], as_of=10, windows=(3,), segments=["tier"]
+    )
+    assert segment_values(r, "tier") == {"gold", "unknown"}
+    assert kpi(r, "members", tier="gold") == (3, None, None)
+    assert kpi(r, "churned_members", tier="gold") == (1, None, None)
+    assert kpi(r, "active_rate", "3b", tier="gold") == approx((2 / 3, 2, 3))
+
+
+def test_segments_points_liability_with_validity():
+    # validity_events with V = 3 buckets as of 6 (worked out in
+    # test_points_validity_unbacked_and_bucket_edge_expiry): liability 7, v1 and v2 have no tier.
+    r = run_oracle(validity_events(), as_of=6, windows=(2,), validity=3 * B, segments=["tier"])
+    assert segment_values(r, "tier") == {"unknown"}
+    assert kpi(r, "points_liability", tier="unknown") == (7, None, None)
+
+
+def test_segments_by_enrollment_channel_explicit_vs_implicit():
+    # K = 10, 3b = [8, 10], h = 4: churned = last_touch <= 6, churn window [4, 6]
+    # c1: enrolled b0 via web, bought b9                         -> web;     last_touch 9
+    # c2: implicit, bought b4                                    -> unknown; last_touch 4
+    # c3: enrolled b2 without a channel                          -> unknown; last_touch 2
+    # c4: bought b1, then an explicit enrollment at b6 via app   -> app;     enrolled 6, last_touch 6
+    # c5: enrolled b7 via app                                    -> app;     last_touch 7
+    events = [
+        enrollment("e-sc1", "c1", 0, "web"),
+        purchase("p-sc1", "c1", 9),
+        purchase("p-sc2", "c2", 4),
+        enrollment("e-sc3", "c3", 2, None),
+        purchase("p-sc4", "c4", 1),
+        enrollment("e-sc4", "c4", 6, "app"),
+        enrollment("e-sc5", "c5", 7, "app"),
+    ]
+    r = run_oracle(events, as_of=10, windows=(3,), h=4, segments=["enrollment_channel"])
+    assert segment_values(r, "enrollment_channel") == {"web", "unknown", "app"}
+    # members and active (last_activity in [8, 10]: only c1)
+    assert kpi(r, "members", enrollment_channel="web") == (1, None, None)
+    assert kpi(r, "members", enrollment_channel="unknown") == (2, None, None)
+    assert kpi(r, "members", enrollment_channel="app") == (2, None, None)
+    assert kpi(r, "active_rate", "3b", enrollment_channel="web") == (1.0, 1, 1)
+    assert kpi(r, "active_rate", "3b", enrollment_channel="unknown") == (0.0, 0, 2)
+    assert kpi(r, "active_rate", "3b", enrollment_channel="app") == (0.0, 0, 2)
+    # churned: unknown c2 (4), c3 (2); app c4 (6); web none
+    assert kpi(r, "churned_members", enrollment_channel="unknown") == (2, None, None)
+    assert kpi(r, "churned_members", enrollment_channel="app") == (1, None, None)
+    assert kpi(r, "churned_members", enrollment_channel="web") == (0, None, None)
+    # churn: web 0 / (c1) 1; unknown c2 / (c2) 1; app c4 / (c4, c5) 2 (nobody enrolled >= 8)
+    assert kpi(r, "churn_rate", "3b", enrollment_channel="web") == (0.0, 0, 1)
+    assert kpi(r, "churn_rate", "3b", enrollment_channel="unknown") == (1.0, 1, 1)
+    assert kpi(r, "retention_rate", "3b", enrollment_channel="unknown") == (0.0, 0, 1)
+    assert kpi(r, "churn_rate", "3b", enrollment_channel="app") == (0.5, 1, 2)
+
+    # Before c4's enrollment arrives, c4 is implicit: unknown, enrolled_at 1, last_touch 1.
+    r = run_oracle(
+        [e for e in events if e["event_id"] != "e-sc4"],
+        as_of=10,
+        windows=(3,),
+        h=4,
+        segments=["enrollment_channel"],
+    )
+    assert kpi(r, "members", enrollment_channel="unknown") == (3, None, None)
+    assert kpi(r, "members", enrollment_channel="app") == (1, None, None)
+    assert kpi(r, "churned_members", enrollment_channel="unknown") == (3, None, None)
+    assert kpi(r, "churn_rate", "3b", enrollment_channel="app") == (0.0, 0, 1)  # c5 (7) only
+
+
+def test_segments_by_home_store_earliest_purchase_that_carries_one():
+    # K = 10, 5b = [6, 10]
+    # h1: bought b5 at s2 (50.0), then an older purchase at b3 at s1 (10.0) arrives -> s1; last 5
+    # h2: bought b4 without a store (20.0), then b6 at s2 (20.0): the earliest purchase that
+    #     carries a store -> s2; last 6
+    # h3: enrolled b0, never bought -> unknown
+    # h4: two purchases at the same ts b7 (5.0 each), "p-sh4b" at s2 and "p-sh4a" at s3: ties by
+    #     event_id, the smaller "p-sh4a" -> s3; last 7
+    # h5: bought b8 without a store (7.0) and b9 with an empty store_id (3.0, counts as missing)
+    #     -> unknown; last 9, prev 8
+    # a guest purchase at s9: guests have no home store
+    def bought(eid, member, bucket, amount, store):
+        return with_fields(purchase(eid, member, bucket, amount), store_id=store)
+
+    events = [
+        bought("p-sh1b", "h1", 5, 50.0, "s2"),
+        bought("p-sh1a", "h1", 3, 10.0, "s1"),
+        bought("p-sh2a", "h2", 4, 20.0, None),
+        bought("p-sh2b", "h2", 6, 20.0, "s2"),
+        enrollment("e-sh3", "h3", 0, "web"),
+        bought("p-sh4b", "h4", 7, 5.0, "s2"),
+        bought("p-sh4a", "h4", 7, 5.0, "s3"),
+        bought("p-sh5a", "h5", 8, 7.0, None),
+        bought("p-sh5b", "h5", 9, 3.0, ""),
+        bought("g-sh", None, 9, 80.0, "s9"),
+    ]
+    r = run_oracle(events, as_of=10, windows=(5,), segments=["home_store"])
+    assert segment_values(r, "home_store") == {"s1", "s2", "s3", "unknown"}
+    expected = {
+        # store: (members, active in [6, 10], avg_lifetime_spend)
+        "s1": (1, 0, (60.0, 60.0, 1)),  # h1 (last 5)
+        "s2": (1, 1, (40.0, 40.0, 1)),  # h2 (last 6)
+        "s3": (1, 1, (10.0, 10.0, 1)),  # h4
+        "unknown": (2, 1, (10.0, 10.0, 1)),  # h3 (no purchase), h5 (last 9)
+    }
+    for store, (members, active, lifetime) in expected.items():
+        assert kpi(r, "members", home_store=store) == (members, None, None), store
+        assert kpi(r, "active_members", "5b", home_store=store) == (active, None, None), store
+        assert kpi(r, "avg_lifetime_spend", home_store=store) == lifetime, store
+    assert kpi(r, "active_rate", "5b", home_store="unknown") == (0.5, 1, 2)
+    assert kpi(r, "repeat_purchase_rate", "5b", home_store="unknown") == (1.0, 1, 1)  # h5: 9 and 8
+
+
+def test_segments_by_order_channel():
+    # K = 10, 3b = [8, 10], 10b = [1, 10]
+    #       who     bucket amount channel        margin
+    # m1    member  9      100.0  web            30
+    # m2    member  8       50.0  store          10
+    # m3    member  9       60.0  (none:unknown) -6
+    # g1    guest   9       20.0  web            5
+    # g2    guest   10      40.0  web            (none: AOV only)
+    # g3    guest   2       70.0  app            (none), outside 3b
+    # an enrollment via "kiosk" is not an order: no order value "kiosk"
+    def bought(eid, member, bucket, amount, channel, margin=None):
+        return with_fields(purchase(eid, member, bucket, amount, margin=margin), channel=channel)
+
+    events = [
+        bought("p-so1", "m1", 9, 100.0, "web", 30.0),
+        bought("p-so2", "m2", 8, 50.0, "store", 10.0),
+        bought("p-so3", "m3", 9, 60.0, None, -6.0),
+        bought("g-so1", None, 9, 20.0, "web", 5.0),
+        bought("g-so2", None, 10, 40.0, "web"),
+        bought("g-so3", None, 2, 70.0, "app"),
+        enrollment("e-so4", "m4", 9, "kiosk"),
+    ]
+    r = run_oracle(events, as_of=10, windows=(3, 10), segments=["channel"])
+    assert segment_values(r, "channel") == {"web", "store", "unknown", "app"}
+    # web: member 100 / 1; guest 60 / 2 = 30; lift 100 / 30 - 1; share 100 / 160;
+    # margins member 30 / 1, guest 5 / 1 (g2 has none); margin lift 30 / 5 - 1 = 5
+    web = {
+        "aov_member": (100.0, 100.0, 1),
+        "aov_guest": (30.0, 60.0, 2),
+        "member_spend_lift": approx((7 / 3, 100.0, 30.0)),
+        "member_revenue_share": (0.625, 100.0, 160.0),
+        "avg_margin_member": (30.0, 30.0, 1),
+        "avg_margin_guest": (5.0, 5.0, 1),
+        "margin_lift": (5.0, 30.0, 5.0),
+    }
+    # all of web's orders are in both windows
+    assert segment(r, "channel", "web") == {(k, w): v for k, v in web.items() for w in ("3b", "10b")}
+    # store: members only
+    store = {
+        "aov_member": (50.0, 50.0, 1),
+        "aov_guest": (None, 0.0, 0),
+        "member_spend_lift": (None, 50.0, None),
+        "member_revenue_share": (1.0, 50.0, 50.0),
+        "avg_margin_member": (10.0, 10.0, 1),
+        "avg_margin_guest": (None, 0.0, 0),
+        "margin_lift": (None, 10.0, None),
+    }
+    assert segment(r, "channel", "store") == {(k, w): v for k, v in store.items() for w in ("3b", "10b")}
+    assert kpi(r, "aov_member", "3b", channel="unknown") == (60.0, 60.0, 1)
+    assert kpi(r, "avg_margin_member", "3b", channel="unknown") == (-6.0, -6.0, 1)
+    # app in 3b: no order at all, every KPI is there and null
+    assert segment(r, "channel", "app") == {
+        ("aov_member", "3b"): (None, 0.0, 0),
+        ("aov_guest", "3b"): (None, 0.0, 0),
+        ("member_spend_lift", "3b"): (None, None, None),
+        ("member_revenue_share", "3b"): (None, 0.0, 0.0),
+        ("avg_margin_member", "3b"): (None, 0.0, 0),
+        ("avg_margin_guest", "3b"): (None, 0.0, 0),
+        ("margin_lift", "3b"): (None, None, None),
+        # 10b has g3
+        ("aov_member", "10b"): (None, 0.0, 0),
+        ("aov_guest", "10b"): (70.0, 70.0, 1),
+        ("member_spend_lift", "10b"): (None, None, 70.0),
+        ("member_revenue_share", "10b"): (0.0, 0.0, 70.0),
+        ("avg_margin_member", "10b"): (None, 0.0, 0),
+        ("avg_margin_guest", "10b"): (None, 0.0, 0),
+        ("margin_lift", "10b"): (None, None, None),
+    }
+    # order dimensions label no member KPI; new_members{channel} is unchanged (m4 via kiosk)
+    assert ("members", None, (("channel", "web"),)) not in r
+    assert kpi(r, "new_members", "3b", channel="kiosk") == (1, None, None)
+
+
+def test_segments_by_order_store_id():
+    # K = 10, 3b = [8, 10]
+    # member b9 30.0 at s1; member b9 10.0 at s2; guest b9 20.0 at s1; guest b8 5.0 without a store;
+    # member at b12 8.0 at s3: after K, counts as K (in 3b); guest b1 4.0 at s0: outside every window
+    def bought(eid, member, bucket, amount, store):
+        return with_fields(purchase(eid, member, bucket, amount), store_id=store)
+
+    events = [
+        bought("p-ss1", "n1", 9, 30.0, "s1"),
+        bought("p-ss2", "n2", 9, 10.0, "s2"),
+        bought("g-ss1", None, 9, 20.0, "s1"),
+        bought("g-ss2", None, 8, 5.0, None),
+        bought("p-ss3", "n3", 12, 8.0, "s3"),
+        bought("g-ss3", None, 1, 4.0, "s0"),
+    ]
+    r = run_oracle(events, as_of=10, windows=(3,), segments=["store_id"])
+    assert segment_values(r, "store_id") == {"s0", "s1", "s2", "s3", "unknown"}
+    # s1: 30 / 1 vs 20 / 1 -> lift 0.5, share 30 / 50
+    assert kpi(r, "aov_member", "3b", store_id="s1") == (30.0, 30.0, 1)
+    assert kpi(r, "aov_guest", "3b", store_id="s1") == (20.0, 20.0, 1)
+    assert kpi(r, "member_spend_lift", "3b", store_id="s1") == (0.5, 30.0, 20.0)
+    assert kpi(r, "member_revenue_share", "3b", store_id="s1") == (0.6, 30.0, 50.0)
+    # s2: members only
+    assert kpi(r, "member_revenue_share", "3b", store_id="s2") == (1.0, 10.0, 10.0)
+    assert kpi(r, "member_spend_lift", "3b", store_id="s2") == (None, 10.0, None)
+    # unknown: guests only
+    assert kpi(r, "aov_guest", "3b", store_id="unknown") == (5.0, 5.0, 1)
+    assert kpi(r, "member_revenue_share", "3b", store_id="unknown") == (0.0, 0.0, 5.0)
+    assert kpi(r, "member_spend_lift", "3b", store_id="unknown") == (None, None, 5.0)
+    # s3: the future purchase clamped into bucket K
+    assert kpi(r, "aov_member", "3b", store_id="s3") == (8.0, 8.0, 1)
+    # s0: a value of the data with no order in the window still gets every order KPI, null
+    assert segment(r, "store_id", "s0") == {
+        ("aov_member", "3b"): (None, 0.0, 0),
+        ("aov_guest", "3b"): (None, 0.0, 0),
+        ("member_spend_lift", "3b"): (None, None, None),
+        ("member_revenue_share", "3b"): (None, 0.0, 0.0),
+        ("avg_margin_member", "3b"): (None, 0.0, 0),
+        ("avg_margin_guest", "3b"): (None, 0.0, 0),
+        ("margin_lift", "3b"): (None, None, None),
+    }
+
+
+def test_segments_every_kpi_of_each_kind_and_nothing_else():
+    # k1: enrolled b0 via web as gold, bought b9 via app at s1 -> tier gold, enrollment_channel web,
+    #     home_store s1. A guest bought b9 via web without a store.
+    # -> member values: tier gold, enrollment_channel web, home_store s1;
+    #    order values: channel app, web; store_id s1, unknown. Windows 3b, 6b; h = 4: churn in 3b only.
+    events = [
+        enrollment("e-sk1", "k1", 0, "web", tier="gold"),
+        with_fields(purchase("p-sk1", "k1", 9), channel="app", store_id="s1"),
+        with_fields(purchase("g-sk", None, 9), channel="web"),
+    ]
+    params = {"as_of": 10, "windows": (3, 6), "h": 4}
+    r = run_oracle(
+        events, segments=["tier", "enrollment_channel", "home_store", "channel", "store_id", "tier"], **params
+    )
+    member_keys = {(name, None) for name in MEMBER_KPIS_NON_WINDOWED}
+    member_keys |= {(name, w) for name in MEMBER_KPIS_WINDOWED for w in ("3b", "6b")}
+    member_keys |= {(name, "3b") for name in CHURN_WINDOWED}
+    order_keys = {(name, w) for name in ORDER_KPIS for w in ("3b", "6b")}
+    expected = {
+        (name, w, ((dim, v),))
+        for dim, v in (("tier", "gold"), ("enrollment_channel", "web"), ("home_store", "s1"))
+        for name, w in member_keys
+    }
+    expected |= {
+        (name, w, ((dim, v),))
+        for dim, v in (("channel", "app"), ("channel", "web"), ("store_id", "s1"), ("store_id", "unknown"))
+        for name, w in order_keys
+    }
+    plain = run_oracle(events, **params)
+    assert set(r) - set(plain) == expected
+    assert {key: r[key] for key in plain} == plain  # the unsegmented records are untouched
+    # k1 is every member value's only member, so its KPIs equal the unsegmented ones
+    for dim, v in (("tier", "gold"), ("enrollment_channel", "web"), ("home_store", "s1")):
+        assert {(name, w): r[(name, w, ((dim, v),))] for name, w in member_keys} == {
+            (name, w): plain[(name, w, ())] for name, w in member_keys
+        }
+    assert run_oracle(events, segments=[], **params) == plain
+    with pytest.raises(ValueError, match="region"):
+        run_oracle(events, segments=["region"], **params)
+
+
+def test_cohort_retention():
+    # K = 2024-03-10 12h, month(K) = 2024-03; cohorts = 5 -> months 2023-11 .. 2024-03;
+    # cohort_ages = 3 -> ages 0, 1, 2 while cohort + age <= 2024-03.
+    #   g   enrolled 2023-10-01: a cohort older than the last 5 -> no records
+    #   e   enrolled 2023-12-15, bought 2024-01-10 (age 1) and 2024-03-01 (age 3: beyond cohort_ages)
+    #   a   enrolled 2024-01-05, bought 2024-01-20 (age 0), redeemed 2024-03-02 (age 2)
+    #   b   enrolled 2024-01-31 23h (Jan), bought 2024-02-01 00h (Feb: age 1)
+    #   c   bought 2024-01-25 (before enrolling, an earlier month: no age), bought 2024-02-03
+    #       (before enrolling, but in the cohort month: age 0), enrolled 2024-02-10
+    #   f   enrolled 2024-02-20, only a survey on 2024-03-01 (not activity)
+    #   ih  implicit: bought 2024-02-14 (enrolled_at: cohort Feb, age 0) and 2024-03-01 (age 1)
+    #   d   enrolled 2024-03-05, bought 2024-04-02: after K, counts as K -> March, age 0
+    #   i   enrolled 2024-04-01: after K, counts as K -> cohort 2024-03, no activity
+    #   a guest purchase in Feb belongs to no cohort; nobody enrolled in 2023-11 -> no records
+    events = [
+        enrollment("e-cg", "g", hour("2023-10-01T00")),
+        purchase("p-cg", "g", hour("2024-03-05T00")),
+        enrollment("e-ce", "e", hour("2023-12-15T00")),
+        purchase("p-ce1", "e", hour("2024-01-10T00")),
+        purchase("p-ce2", "e", hour("2024-03-01T00")),
+        enrollment("e-ca", "a", hour("2024-01-05T00")),
+        purchase("p-ca", "a", hour("2024-01-20T00"), points=5),
+        redemption("r-ca", "a", hour("2024-03-02T00"), 5),
+        enrollment("e-cb", "b", hour("2024-01-31T23")),
+        purchase("p-cb", "b", hour("2024-02-01T00")),
+        purchase("p-cc1", "c", hour("2024-01-25T00")),
+        purchase("p-cc2", "c", hour("2024-02-03T00")),
+        enrollment("e-cc", "c", hour("2024-02-10T00")),
+        enrollment("e-cf", "f", hour("2024-02-20T00")),
+        survey("s-cf", "f", hour("2024-03-01T00"), nps=9),
+        purchase("p-cih1", "ih", hour("2024-02-14T00")),
+        purchase("p-cih2", "ih", hour("2024-03-01T00")),
+        enrollment("e-cd", "d", hour("2024-03-05T00")),
+        purchase("p-cd", "d", hour("2024-04-02T00")),
+        enrollment("e-ci", "i", hour("2024-04-01T00")),
+        purchase("g-c", None, hour("2024-02-15T00")),
+    ]
+    r = run_oracle(events, as_of=hour("2024-03-10T12"), windows=(3,), cohorts=5, cohort_ages=3)
+    cohort_records = {key: value for key, value in r.items() if key[0].startswith("cohort")}
+
+    def size(cohort, n):
+        return ("cohort_size", None, (("cohort", cohort),)), (n, None, None)
+
+    def retention(cohort, age, retained, n):
+        return ("cohort_retention", None, (("age", str(age)), ("cohort", cohort))), (
+            retained / n,
+            retained,
+            n,
+        )
+
+    assert cohort_records == dict(
+        [
+            size("2023-12", 1),  # e
+            retention("2023-12", 0, 0, 1),
+            retention("2023-12", 1, 1, 1),  # e in Jan
+            retention("2023-12", 2, 0, 1),
+            size("2024-01", 2),  # a, b
+            retention("2024-01", 0, 1, 2),  # a
+            retention("2024-01", 1, 1, 2),  # b
+            retention("2024-01", 2, 1, 2),  # a's redemption
+            size("2024-02", 3),  # c, f, ih
+            retention("2024-02", 0, 2, 3),  # c, ih
+            retention("2024-02", 1, 1, 3),  # ih; age 2 would be April
+            size("2024-03", 2),  # d, i
+            retention("2024-03", 0, 1, 2),  # d's future purchase
+        ]
+    )
+    assert kpi(r, "members") == (9, None, None)  # g to i, all counted
+    assert not any(key[0].startswith("cohort") for key in run_oracle(events, as_of=hour("2024-03-10T12")))
+
+
+def test_cohort_defaults_are_the_last_12_months_and_12_ages():
+    # K = 2024-03-10 12h: the last 12 cohorts are 2023-04 .. 2024-03.
+    # o1 enrolled 2023-03-31 23h: the 13th month back -> no records.
+    # o2 enrolled 2023-04-01 00h, bought 2023-04-02 (age 0) and 2024-03-10 (age 11 = month(K)).
+    events = [
+        enrollment("e-do1", "o1", hour("2023-03-31T23")),
+        enrollment("e-do2", "o2", hour("2023-04-01T00")),
+        purchase("p-do2a", "o2", hour("2023-04-02T00")),
+        purchase("p-do2b", "o2", hour("2024-03-10T00")),
+    ]
+    r = brute_force_kpis(
+        events, bucket_ms=B, windows=[3], churn_horizon=4, settle=4, as_of=hour("2024-03-10T12")
+    )
+    cohort_records = {key: value for key, value in r.items() if key[0].startswith("cohort")}
+    expected = {("cohort_size", None, (("cohort", "2023-04"),)): (1, None, None)}
+    for age in range(12):
+        retained = 1 if age in (0, 11) else 0
+        expected[("cohort_retention", None, (("age", str(age)), ("cohort", "2023-04")))] = (
+            float(retained),
+            retained,
+            1,
+        )
+    assert cohort_records == expected
