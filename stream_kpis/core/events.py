@@ -77,17 +77,9 @@ class Event:
         self.comment = comment
 
     @property
-    def dedupe_key(self) -> tuple[str, str | None, str]:
-        return (self.type, self.member_id, self.event_id)
-
-    @property
     def partition_key(self) -> str:
         """The Kafka key this event must carry: member_id, or event_id for guest events."""
         return self.member_id if self.member_id is not None else self.event_id
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__
-                if getattr(self, name) is not None}
 
     def __repr__(self) -> str:
         return f"Event({self.type}, {self.event_id!r}, ts={self.ts})"

@@ -1,8 +1,8 @@
-"""Time: durations, timestamps, buckets, windows and as-of clocks (pure).
+"""Time: durations, timestamps, buckets and windows (pure).
 
 Event time is quantized into buckets of width ``bucket_ms``; bucket k = ts // bucket_ms.
 A window of w buckets "as of" bucket K covers [K - w + 1, K]. Timestamps in buckets after K
-count as K (see :func:`clamp`).
+count as K (the range sums of :mod:`stream_kpis.core.kpis` clamp them).
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ __all__ = [
     "duration_label",
     "parse_rfc3339_ms",
     "format_rfc3339",
-    "bucket_of",
     "as_of_time",
-    "EventClock",
-    "WallClock",
 ]
 
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
@@ -77,47 +74,7 @@ def format_rfc3339(ms: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def bucket_of(ts_ms: int, bucket_ms: int) -> int:
-    """Bucket index of a timestamp."""
-    return ts_ms // bucket_ms
-
-
 def as_of_time(bucket: int, bucket_ms: int) -> str:
     """The ``as_of`` reported with a value: the end of bucket K as RFC 3339 UTC."""
     return format_rfc3339((bucket + 1) * bucket_ms)
 
-
-class EventClock:
-    """Replay/backfill clock: K is the bucket of the largest event timestamp seen."""
-
-    mode = "event"
-
-    def __init__(self, bucket_ms: int) -> None:
-        self.bucket_ms = bucket_ms
-        self.max_ts: int | None = None
-
-    def observe(self, ts_ms: int) -> None:
-        if self.max_ts is None or ts_ms > self.max_ts:
-            self.max_ts = ts_ms
-
-    def as_of_bucket(self) -> int | None:
-        return None if self.max_ts is None else self.max_ts // self.bucket_ms
-
-
-class WallClock(EventClock):
-    """Live clock: K is the bucket of the wall clock now (``now_ms`` is injectable for tests)."""
-
-    mode = "wall"
-
-    def __init__(self, bucket_ms: int, now_ms=None) -> None:
-        super().__init__(bucket_ms)
-        if now_ms is None:
-            import time
-
-            def now_ms() -> int:
-                return int(time.time() * 1000)
-
-        self.now_ms = now_ms
-
-    def as_of_bucket(self) -> int | None:
-        return self.now_ms() // self.bucket_ms

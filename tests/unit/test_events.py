@@ -249,7 +249,6 @@ def test_purchase_with_rfc3339_offset_and_fraction(parser):
     assert (event.type, event.event_id, event.member_id) == (PURCHASE, "p-9", "m-9")
     assert (event.amount, event.points, event.margin) == (19.9, 20, -1.5)
     assert (event.channel, event.tier) == ("web", "gold")
-    assert event.dedupe_key == (PURCHASE, "m-9", "p-9")
     assert event.partition_key == "m-9"
 
 
@@ -266,7 +265,6 @@ def test_guest_purchase(parser, member):
     assert isinstance(event, Event)
     assert event.member_id is None
     assert event.partition_key == "p1"  # guests are keyed by event_id
-    assert event.dedupe_key == (PURCHASE, None, "p1")
 
 
 def test_redemption_with_negative_offset(parser):

@@ -1,4 +1,4 @@
-"""Tests of stream_kpis.core.timebase: durations, labels, RFC 3339 timestamps, buckets and clocks.
+"""Tests of stream_kpis.core.timebase: durations, labels, RFC 3339 timestamps and as-of times.
 
 Anchor worked out by hand: 2024-01-01T00:00:00Z = 19_723 days after 1970-01-01
 (54 years, 13 of them leap: 1972 ... 2020) = 1_704_067_200 s; as 1 h buckets, 473_352.
@@ -9,10 +9,7 @@ from __future__ import annotations
 import pytest
 
 from stream_kpis.core.timebase import (
-    EventClock,
-    WallClock,
     as_of_time,
-    bucket_of,
     duration_label,
     format_rfc3339,
     parse_duration,
@@ -152,47 +149,8 @@ def test_format_rfc3339(ms, text):
     assert parse_rfc3339_ms(text) == ms
 
 
-def test_bucket_of_floors():
-    assert bucket_of(JAN_1_2024_MS, HOUR_MS) == 473_352
-    assert bucket_of(JAN_1_2024_MS - 1, HOUR_MS) == 473_351
-    assert bucket_of(JAN_1_2024_MS + HOUR_MS - 1, HOUR_MS) == 473_352
-    assert bucket_of(JAN_1_2024_MS, DAY_MS) == 19_723
-
-
 def test_as_of_time_is_the_end_of_bucket_k():
     # hourly bucket 473_352 is [00:00, 01:00) on 2024-01-01: as of its end, 01:00
     assert as_of_time(473_352, HOUR_MS) == "2024-01-01T01:00:00Z"
     # daily bucket of 2024-01-30 (19_723 + 29) ends at 2024-01-31T00:00Z (the SPEC example)
     assert as_of_time(19_752, DAY_MS) == "2024-01-31T00:00:00Z"
-
-
-def test_event_clock_follows_the_largest_timestamp():
-    clock = EventClock(HOUR_MS)
-    assert clock.mode == "event"
-    assert clock.as_of_bucket() is None
-    clock.observe(JAN_1_2024_MS + 5 * HOUR_MS)
-    clock.observe(JAN_1_2024_MS)  # a late event does not move the clock back
-    assert clock.as_of_bucket() == 473_357
-    clock.observe(JAN_1_2024_MS + 6 * HOUR_MS - 1)
-    assert clock.as_of_bucket() == 473_357
-    clock.observe(JAN_1_2024_MS + 6 * HOUR_MS)
-    assert clock.as_of_bucket() == 473_358
-
-
-def test_wall_clock_follows_now_not_events():
-    now = [JAN_1_2024_MS + 90 * 60_000]  # 01:30
-    clock = WallClock(HOUR_MS, now_ms=lambda: now[0])
-    assert clock.mode == "wall"
-    clock.observe(JAN_1_2024_MS + 10 * HOUR_MS)  # a future event does not move K
-    assert clock.as_of_bucket() == 473_353
-    now[0] += HOUR_MS
-    assert clock.as_of_bucket() == 473_354
-
-
-def test_wall_clock_default_is_the_real_time():
-    import time
-
-    before = int(time.time() * 1000) // HOUR_MS
-    bucket = WallClock(HOUR_MS).as_of_bucket()
-    after = int(time.time() * 1000) // HOUR_MS
-    assert before <= bucket <= after
