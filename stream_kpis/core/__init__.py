@@ -1,13 +1,12 @@
 """The pure KPI core: parsing, time buckets, member state, aggregates and the Processor.
 
 Nothing under this package imports Faust, Kafka or Redis (tests/unit/test_layout.py keeps it so);
-the Faust app, replay and the tests all drive the same :class:`Processor`.
+the live worker, replay and the tests all drive the same :class:`Processor`.
 """
 
 from .processor import (
     APPLIED,
     DUPLICATE,
-    REDELIVERED,
     PartitionStore,
     Processor,
     Signal,
@@ -17,4 +16,4 @@ from .processor import (
 )
 
 __all__ = ["Processor", "PartitionStore", "Signal", "seen_key", "evaluate_kpis", "member_status",
-           "APPLIED", "DUPLICATE", "REDELIVERED"]
+           "APPLIED", "DUPLICATE"]

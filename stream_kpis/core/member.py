@@ -1,7 +1,7 @@
 """Per-member state and its update rules (pure).
 
 A :class:`MemberState` holds what SPEC section 3 lists. Updates are idempotent per event through
-the bounded ``recent`` list of de-duplication keys; everything else is a max/min/sum that does
+the bounded ``recent`` record of de-duplication keys; everything else is a max/min/sum that does
 not depend on arrival order, so out-of-order and late events give the same state as a sorted pass.
 With points validity, the member's point lots are re-allocated (FIFO, in event-time order) on
 every points event, see :func:`allocate_points`.
@@ -84,7 +84,7 @@ class MemberState:
         self.points_redeemed = 0
         self.last_redemption: int | None = None
         self.redemption_count = 0
-        self.recent: dict[str, str | None] = {}  # dedupe key -> delivery token (bounded FIFO)
+        self.recent: dict[str, Any] = {}  # dedupe keys, oldest first (values unused: see seen)
         self.lots: list[list] | None = None         # with points validity: [ts, event_id, points]
         self.redemptions: list[list] | None = None  # with points validity: [ts, event_id, points]
         self.remaining: list[int] | None = None     # per lot, after allocation
@@ -104,17 +104,19 @@ class MemberState:
             return enrolled
         return self.last_activity if enrolled is None or self.last_activity > enrolled else enrolled
 
-    def seen(self, key: str, token: str | None, bound: int) -> str | None:
-        """How this delivery relates to what the state holds: None (new: remembered now),
-        ``"duplicate"`` (another delivery of an applied event) or ``"redelivered"`` (this very
-        Kafka record again, after a crash: the state already includes it)."""
+    def seen(self, key: str, bound: int) -> bool:
+        """Whether the event with this de-duplication key was applied; remembers it if not.
+
+        Only the last ``bound`` keys are kept. New keys map to None; states written by older
+        versions map keys to delivery tokens, which are kept as they are and never read.
+        """
         recent = self.recent
         if key in recent:
-            return "redelivered" if token is not None and recent[key] == token else "duplicate"
-        recent[key] = token
+            return True
+        recent[key] = None
         if len(recent) > bound:
             del recent[next(iter(recent))]
-        return None
+        return False
 
     def apply(self, event: Event, validity_ms: int | None) -> None:
         """Apply one (already de-duplicated) event."""
@@ -191,7 +193,7 @@ class MemberState:
                    if expiry > as_of_bucket)
         return live - self.unbacked
 
-    # persistence: a compact list, orjson-encoded, for the Faust table and snapshots
+    # persistence: a compact list, orjson-encoded, for the state log and the local stores
     def to_bytes(self) -> bytes:
         return orjson.dumps([getattr(self, name) for name in self.__slots__])
 
@@ -201,6 +203,3 @@ class MemberState:
         for name, value in zip(cls.__slots__, orjson.loads(data), strict=True):
             setattr(state, name, value)
         return state
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}

@@ -2,8 +2,8 @@
 
 One :class:`Processor` owns a set of members (one Kafka partition live, everything in replay),
 their :class:`~stream_kpis.core.kpis.Aggregates`, bounded de-duplication of events that have no member
-state (guest purchases, surveys), and the member-signal transitions of SPEC section 5. The Faust
-app, replay and the tests all drive this same class.
+state (guest purchases, surveys), and the member-signal transitions of SPEC section 5. The live
+worker, replay and the tests all drive this same class.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ if TYPE_CHECKING:
     from ..settings import Settings
 
 __all__ = ["Processor", "PartitionStore", "Signal", "seen_key", "evaluate_kpis", "member_status",
-           "APPLIED", "DUPLICATE", "REDELIVERED"]
+           "APPLIED", "DUPLICATE"]
 
 Signal = dict[str, Any]
 _REACTIVATED = "reactivated"
-APPLIED, DUPLICATE, REDELIVERED = "applied", "duplicate", "redelivered"
+APPLIED, DUPLICATE = "applied", "duplicate"
 _MEMBER_SUMS = ("member_revenue", "member_orders", "member_margin", "member_margin_orders")
 _GUEST_SUMS = ("guest_revenue", "guest_orders", "guest_margin", "guest_margin_orders")
 
@@ -49,8 +49,8 @@ def seen_key(event: Event) -> str:
 class Processor:
     """Incremental KPI state for a set of members.
 
-    ``members`` is any mutable mapping member_id -> MemberState (a dict, or a Faust-table adapter);
-    every changed state is assigned back so that write-through stores see the change.
+    ``members`` is any mutable mapping member_id -> MemberState (a dict, or the live worker's
+    store-backed mapping); every changed state is assigned back so that stores see the change.
     ``on_signal`` receives member signals; ``record_churn_history`` keeps a churn snapshot each
     time the event clock leaves a bucket (replay), for churn_reduction.
     """
@@ -64,8 +64,7 @@ class Processor:
         self.members: MutableMapping[str, MemberState] = {} if members is None else members
         self.aggs = Aggregates()
         self.matcher = MentionMatcher(settings.lexicons)
-        self.seen_without_member: dict[str, str | None] = {}  # guest and survey dedupe keys
-        self.bucket_offsets: dict[int, dict[str, int]] = {}  # bucket -> topic -> last offset summed
+        self.seen_without_member: dict[str, None] = {}  # guest and survey dedupe keys, oldest first
         self.track_changes = track_changes  # live: remember what to persist at the next flush
         self.changed_buckets: set[int] = set()
         self.changed_seen: set[str] = set()
@@ -81,38 +80,32 @@ class Processor:
         self.version = 0  # bumped by every event processed: "did anything change since?"
 
     # ---- applying events -------------------------------------------------------------------
-    def process(self, event: Event, token: tuple[str, int] | None = None) -> str:
-        """Apply one event. Returns ``"applied"``, ``"duplicate"`` or ``"redelivered"``.
-
-        ``token`` (topic, offset) identifies the Kafka record live: a record delivered again
-        after a crash is recognised as such, and each persisted record (member state, bucket
-        sums) applies it at most once, so at-least-once delivery gives exactly-once KPIs.
-        """
+    def process(self, event: Event) -> str:
+        """Apply one event. Returns ``"applied"``, or ``"duplicate"`` when an event with the same
+        type and event_id (and member) was applied before and is still remembered."""
         ts = event.ts
         if self.max_ts is None or ts > self.max_ts:
             self.max_ts = ts
             if self.settings.clock == "event" and (self.K is None or ts // self.bucket_ms > self.K):
                 self.advance(ts // self.bucket_ms)
         self.version += 1
-        tag = None if token is None else f"{token[0]}:{token[1]}"
         if event.member_id is None or event.type == SURVEY:
-            outcome = self._seen_without_member(event, tag)
-            if outcome == DUPLICATE:
+            if self._seen_without_member(event):
                 self.duplicates += 1
                 return DUPLICATE
-            self._event_sums(event, event.member_id is not None, token)
-            if outcome is None:
-                self.applied += 1
-                return APPLIED
-            return REDELIVERED
-        return self._apply_member_event(event, tag, token)
+            self._event_sums(event, event.member_id is not None)
+            self.applied += 1
+            return APPLIED
+        return self._apply_member_event(event)
 
-    def _seen_without_member(self, event: Event, tag: str | None) -> str | None:
+    def _seen_without_member(self, event: Event) -> bool:
+        """Whether this event without member state was applied before; remembers it if not
+        (at most ``guest_dedupe`` keys: the oldest is forgotten)."""
         key = seen_key(event)
         seen = self.seen_without_member
         if key in seen:
-            return REDELIVERED if tag is not None and seen[key] == tag else DUPLICATE
-        seen[key] = tag
+            return True
+        seen[key] = None
         if self.track_changes:
             self.changed_seen.add(key)
         if len(seen) > self.settings.guest_dedupe:
@@ -120,10 +113,9 @@ class Processor:
             del seen[oldest]
             if self.track_changes:
                 self.changed_seen.add(oldest)
-        return None
+        return False
 
-    def _apply_member_event(self, event: Event, tag: str | None, token: tuple[str, int] | None
-                            ) -> str:
+    def _apply_member_event(self, event: Event) -> str:
         member_id = event.member_id
         state = self.members.get(member_id)
         validity = self.validity_ms
@@ -131,16 +123,11 @@ class Processor:
         if state is None:
             state = MemberState()
             old_view = None
-            state.seen(key, tag, self.settings.dedupe_per_member)
+            state.seen(key, self.settings.dedupe_per_member)
         else:
-            outcome = state.seen(key, tag, self.settings.dedupe_per_member)
-            if outcome == DUPLICATE:
+            if state.seen(key, self.settings.dedupe_per_member):
                 self.duplicates += 1
                 return DUPLICATE
-            if outcome == REDELIVERED:
-                # the member record already includes it; the bucket sums may not
-                self._event_sums(event, True, token)
-                return REDELIVERED
             old_view = member_view(state, self.bucket_ms)
         had_purchase = state.purchase_count > 0
         points_event = validity is not None and (event.type == REDEMPTION or event.points)
@@ -165,7 +152,7 @@ class Processor:
             totals["unbacked"] += state.unbacked - old_unbacked
             for expiry, _, _ in contributions:
                 self.expiry_index.setdefault(expiry, set()).add(member_id)
-        self._event_sums(event, True, token)
+        self._event_sums(event, True)
         old_touch = None if old_view is None else old_view[LAST_TOUCH]
         touch = new_view[LAST_TOUCH]
         if touch != old_touch:
@@ -181,14 +168,8 @@ class Processor:
         self.applied += 1
         return APPLIED
 
-    def _event_sums(self, event: Event, member: bool, token: tuple[str, int] | None) -> None:
+    def _event_sums(self, event: Event, member: bool) -> None:
         bucket = event.ts // self.bucket_ms
-        if token is not None:
-            offsets = self.bucket_offsets.setdefault(bucket, {})
-            topic, offset = token
-            if offsets.get(topic, -1) >= offset:
-                return  # this bucket's persisted sums already include this record
-            offsets[topic] = offset
         if self.track_changes:
             self.changed_buckets.add(bucket)
         sums = self.aggs.sums
@@ -374,12 +355,12 @@ def member_status(state: MemberState, K: int, settings: Settings) -> dict[str, A
 
 
 class PartitionStore:
-    """Persistence of one Processor's state as table records (used by the live worker).
+    """Persistence of one Processor's state as records (the live worker's state log).
 
     Three record kinds, all plain bytes: member states (``MemberState.to_bytes``), bucket records
-    (event sums of one bucket with the input offsets they include) and de-duplication entries for
-    events without member state. Everything else (histograms, indexes) is derived from them when
-    a partition is (re)assigned, so the changelog topics are the only state that moves.
+    (the event sums of one bucket) and de-duplication entries for events without member state.
+    Everything else (histograms, indexes) is derived from them when a partition is (re)assigned,
+    so the state log is the only state that moves.
     """
 
     @staticmethod
@@ -388,25 +369,24 @@ class PartitionStore:
         sums = {name: hist[bucket] for name, hist in aggs.sums.items()
                 if bucket in hist and not name.startswith("lot_")}
         mentions = {key: hist[bucket] for key, hist in aggs.mentions.items() if bucket in hist}
-        return orjson.dumps({"sums": sums, "mentions": mentions,
-                             "offsets": processor.bucket_offsets.get(bucket, {})})
+        return orjson.dumps({"sums": sums, "mentions": mentions})
 
     @staticmethod
     def load_bucket(processor: Processor, bucket: int, data: bytes) -> None:
+        """Add a stored bucket record (an "offsets" entry of older records is ignored)."""
         record = orjson.loads(data)
         aggs = processor.aggs
         for name, value in record["sums"].items():
             aggs.add(name, bucket, value)
         for key, value in record["mentions"].items():
             aggs.mentions.setdefault(key, {})[bucket] = value
-        processor.bucket_offsets[bucket] = record["offsets"]
         start = bucket * processor.bucket_ms  # guest and survey events live only here: keep K
         if processor.max_ts is None or start > processor.max_ts:
             processor.max_ts = start
 
     @staticmethod
     def load_member(processor: Processor, member_id: str, state: MemberState) -> None:
-        """Add a stored member to the aggregates and indexes (no signals, no table write)."""
+        """Add a stored member to the aggregates and indexes (no signals, no store write)."""
         view = member_view(state, processor.bucket_ms)
         aggs = processor.aggs
         aggs.move_member(None, view)

@@ -1,5 +1,6 @@
 """Tests of stream_kpis.core.Processor beyond what the oracle covers: churn_reduction from the
-recorded history, member signals, redelivery tokens and the PartitionStore round trip.
+recorded history, member signals, duplicates, and a partition's state rebuilt from its store by
+the live PartitionTask (which persists it through PartitionStore).
 
 Buckets are 1 h (``B``); ``at(k)`` is the start of bucket k. Every expected value is worked out
 by hand in the comments.
@@ -7,13 +8,18 @@ by hand in the comments.
 
 from __future__ import annotations
 
+from collections import Counter
+
+import orjson
 import pytest
 from pytest import approx
 
-from stream_kpis.core import APPLIED, DUPLICATE, REDELIVERED, PartitionStore, Processor, evaluate_kpis
-from stream_kpis.core.member import MemberState
+from stream_kpis.core import APPLIED, DUPLICATE, Processor, evaluate_kpis
 from stream_kpis.core.timebase import format_rfc3339
-from tests.conftest import B, enrollment, purchase, redemption, survey, to_event
+from stream_kpis.live.partition import Commit, InputRecord, PartitionTask
+from stream_kpis.live.store import MemoryStore
+from stream_kpis.settings import Settings
+from tests.conftest import B, enrollment, feed, purchase, redemption, survey, to_event
 
 
 def record(records, kpi, window=None, **labels):
@@ -241,27 +247,18 @@ def test_notice_for_a_late_lot_expiring_before_one_already_notified(make_process
     assert [(s["points"], s["expires_at"]) for s in signals] == [(3, hour(8)), (4, hour(7))]
 
 
-# --- redelivery tokens ------------------------------------------------------------------------
+# --- duplicates -------------------------------------------------------------------------------
 
 
-def test_same_token_is_redelivered_other_token_is_duplicate(make_processor):
+def test_an_event_sent_again_is_a_duplicate_and_counted_once(make_processor):
     processor = make_processor(windows=(3,))
     member = to_event(purchase("p1", "m", 1, 20.0, points=5))
     guest = to_event(purchase("g1", None, 1, 8.0))
     poll = to_event(survey("s1", "m", 1, nps=10))
-    assert processor.process(member, ("loyalty.purchases", 5)) == APPLIED
-    assert processor.process(guest, ("loyalty.purchases", 6)) == APPLIED
-    assert processor.process(poll, ("loyalty.surveys", 0)) == APPLIED
-    # after a crash the same records come again
-    assert processor.process(member, ("loyalty.purchases", 5)) == REDELIVERED
-    assert processor.process(guest, ("loyalty.purchases", 6)) == REDELIVERED
-    assert processor.process(poll, ("loyalty.surveys", 0)) == REDELIVERED
-    # the producer sent the same events again: new records, same events
-    assert processor.process(member, ("loyalty.purchases", 7)) == DUPLICATE
-    assert processor.process(guest, ("loyalty.purchases", 8)) == DUPLICATE
-    assert processor.process(poll, ("loyalty.surveys", 1)) == DUPLICATE
-    assert processor.process(member) == DUPLICATE  # replay: no token
-    assert (processor.applied, processor.duplicates) == (3, 4)
+    assert [processor.process(event) for event in (member, guest, poll)] == [APPLIED] * 3
+    # member state remembers p1; the seen entries remember the guest purchase and the survey
+    assert [processor.process(event) for event in (member, guest, poll)] == [DUPLICATE] * 3
+    assert (processor.applied, processor.duplicates) == (3, 3)
     records = processor.evaluate()
     # counted once: member order 20.0, guest order 8.0, points 5, one survey
     assert (value(records, "aov_member", "3h"), record(records, "aov_member", "3h")["denominator"]) == (
@@ -274,34 +271,51 @@ def test_same_token_is_redelivered_other_token_is_duplicate(make_processor):
     assert value(records, "avg_lifetime_spend") == 20.0
 
 
-# --- PartitionStore round trip ----------------------------------------------------------------
+# --- a partition rebuilt from its store (the live PartitionTask) ------------------------------
 
 
-def rebuild(original: Processor, buckets=None, signals=None) -> Processor:
-    """What app.Pipeline._rebuild does, from the original's persisted records."""
-    # the members table is the Processor's member mapping; each stored state is also loaded
-    members = {member_id: MemberState.from_bytes(state.to_bytes())
-               for member_id, state in original.members.items()}
-    copy = Processor(original.settings, members,
-                     on_signal=None if signals is None else signals.append)
-    for member_id, state in members.items():
-        PartitionStore.load_member(copy, member_id, state)
-    if buckets is None:
-        buckets = {bucket: PartitionStore.bucket_record(original, bucket)
-                   for bucket in _event_buckets(original)}
-    for bucket, data in buckets.items():
-        PartitionStore.load_bucket(copy, bucket, data)
-    for key, token in original.seen_without_member.items():
-        copy.seen_without_member[key] = token
-    if copy.max_ts is not None:
-        copy.K = copy.max_ts // original.bucket_ms
-    return copy
+def input_records(settings: Settings, events, first_offset: int = 0) -> list[InputRecord]:
+    """The events as Kafka records of one input partition: each on its type's topic, keyed by
+    member (event_id for guests), offsets counting from ``first_offset`` per topic."""
+    topics = settings.topics.inputs()
+    offsets: dict[str, int] = {}
+    records = []
+    for raw in events:
+        topic = topics[raw["type"]]
+        offset = offsets[topic] = offsets.get(topic, first_offset - 1) + 1
+        value = orjson.dumps({name: v for name, v in raw.items() if v is not None})
+        key = (raw["member_id"] or raw["event_id"]).encode()
+        records.append(InputRecord(topic, 0, offset, key, value))
+    return records
 
 
-def _event_buckets(processor: Processor) -> set[int]:
-    buckets = {b for name, hist in processor.aggs.sums.items() if not name.startswith("lot_")
-               for b in hist}
-    return buckets | {b for hist in processor.aggs.mentions.values() for b in hist}
+def open_task(settings: Settings, store: MemoryStore) -> PartitionTask:
+    """A PartitionTask of partition 0 on ``store``: what a worker builds when it is assigned it."""
+    return PartitionTask(settings, 0, store,
+                         {topic: kind for kind, topic in settings.topics.inputs().items()})
+
+
+def commit_batch(task: PartitionTask, records=(), advance_to: int | None = None) -> Commit | None:
+    """Apply a batch and commit it, as a worker does once its transaction is written."""
+    task.apply(records)
+    if advance_to is not None:
+        task.advance(advance_to)
+    commit = task.take_commit()
+    if commit is not None:
+        task.committed(commit, None)
+    return commit
+
+
+def outcomes(commit: Commit) -> Counter:
+    counts: Counter = Counter()
+    for (_, outcome), n in commit.outcomes.items():
+        counts[outcome] += n
+    return counts
+
+
+def signals_of(commit: Commit | None) -> list[tuple[str, str, str]]:
+    signals = [] if commit is None else map(orjson.loads, (value for _, value in commit.signals))
+    return [(s["member_id"], s["signal"], s["as_of"]) for s in signals]
 
 
 def kpis_without_history(processor: Processor, K: int | None = None) -> list[dict]:
@@ -326,72 +340,83 @@ MIXED_EVENTS = [
 
 
 @pytest.mark.parametrize("validity", [None, 4], ids=["no-validity", "validity-4b"])
-def test_partition_store_round_trip(make_processor, validity):
-    settings = {"windows": (2, 5), "h": 4, "s": 3, "at_risk": 2, "notice": 1,
-                "validity_ms": None if validity is None else validity * B,
-                "lexicons": {"friction": ["slow"], "motivation": ["rewards"]}}
-    tokens = {}
-    original = make_processor(**settings)
-    for offset, raw in enumerate(MIXED_EVENTS):
-        tokens[raw["event_id"]] = ("loyalty.in", offset)
-        original.process(to_event(raw), tokens[raw["event_id"]])
+def test_a_partition_rebuilt_from_its_store_evaluates_like_the_original(make_settings, validity):
+    settings = make_settings(windows=(2, 5), h=4, s=3, at_risk=2, notice=1,
+                             validity_ms=None if validity is None else validity * B,
+                             lexicons={"friction": ["slow"], "motivation": ["rewards"]})
+    original = feed(Processor(settings), MIXED_EVENTS)
     assert original.as_of_bucket() == 6
-    copy = rebuild(original)
+    store = MemoryStore()
+    task = open_task(settings, store)
+    records = input_records(settings, MIXED_EVENTS)
+    applied = sum(outcomes(commit_batch(task, records[i:i + 3]))["applied"]
+                  for i in range(0, len(records), 3))  # four batches, four commits
+    assert applied == len(MIXED_EVENTS)
+    rebuilt = open_task(settings, store)
+    copy = rebuilt.processor
     assert copy.as_of_bucket() == 6
     assert kpis_without_history(copy) == kpis_without_history(original)
     assert copy.evaluate() == original.evaluate()
     for K in (7, 12):
         assert kpis_without_history(copy, K) == kpis_without_history(original, K)
-    # the same deliveries again are recognised, from member state and from the seen entries
-    for raw in MIXED_EVENTS:
-        assert copy.process(to_event(raw), tokens[raw["event_id"]]) == REDELIVERED
-        assert copy.process(to_event(raw)) == DUPLICATE
+    # records it already holds are skipped; the same events in new records are duplicates,
+    # known from the stored member states and the stored seen entries
+    assert commit_batch(rebuilt, records) is None
+    again = commit_batch(rebuilt, input_records(settings, MIXED_EVENTS, first_offset=100))
+    assert outcomes(again) == {"duplicate": len(MIXED_EVENTS)}
     assert kpis_without_history(copy) == kpis_without_history(original)
     # and both go on identically
     later = [purchase("p-c", "c", 7, 9.0, points=2), purchase("g-2", None, 8, 11.0)]
-    for offset, raw in enumerate(later, 50):
-        assert original.process(to_event(raw), ("loyalty.in", offset)) == APPLIED
-        assert copy.process(to_event(raw), ("loyalty.in", offset)) == APPLIED
+    assert outcomes(commit_batch(rebuilt, input_records(settings, later, first_offset=200))) == {
+        "applied": 2}
+    feed(original, later)
     assert kpis_without_history(copy) == kpis_without_history(original)
 
 
-def test_rebuilt_members_keep_their_signal_state(make_processor):
-    first: list[dict] = []
+def test_a_batch_that_was_not_committed_is_applied_by_the_next_owner(make_settings):
+    settings = make_settings(windows=(4,))
+    events = [purchase("p-1", "m", 1, 10.0), purchase("g-1", None, 2, 5.0),
+              purchase("p-2", "m", 3, 30.0), survey("s-1", None, 3, nps=9)]
+    records = input_records(settings, events)
+    store = MemoryStore()
+    task = open_task(settings, store)
+    commit_batch(task, records[:2])
+    task.apply(records[2:])
+    assert task.take_commit() is not None  # ... but its transaction never completes
+    successor = open_task(settings, store)
+    assert successor.position("loyalty.purchases") == 2
+    assert outcomes(commit_batch(successor, records)) == {"applied": 2}
+    records_out = successor.processor.evaluate()
+    # every event counted once: member orders 10 + 30 over 2, one guest order of 5, one survey
+    assert record(records_out, "aov_member", "4h")["numerator"] == 40.0
+    assert record(records_out, "aov_member", "4h")["denominator"] == 2
+    assert record(records_out, "aov_guest", "4h")["denominator"] == 1
+    assert value(records_out, "survey_responses", "4h") == 1
+
+
+def test_rebuilt_members_keep_their_signal_state(make_settings):
     # at_risk 2, churned 4, V = 5 buckets, notice 1. m: touch 2; n: touch 1, a lot of 3 points
     # earned in bucket 1 that expires in bucket 6
-    original = make_processor([enrollment("e-m", "m", 1), enrollment("e-n", "n", 1),
-                               purchase("p-n", "n", 1, points=3), purchase("p-m", "m", 2)],
-                              signals=first, at_risk=2, h=4, validity_ms=5 * B, notice=1)
-    assert first == []  # K = 2: no touch <= 0
-    original.advance(4)  # touch <= 2: m and n at risk; expiry 6 > 4 + 1: no notice yet
-    assert sorted((s["member_id"], s["signal"]) for s in first) == [("m", "at_risk"), ("n", "at_risk")]
-    again: list[dict] = []
-    copy = rebuild(original, signals=again)
-    copy.advance(4)
-    assert again == []  # the stored statuses are kept: nothing is announced twice
-    for K in (5, 6):
-        original.advance(K)
-        copy.advance(K)
+    settings = make_settings(at_risk=2, h=4, validity_ms=5 * B, notice=1)
+    store = MemoryStore()
+    task = open_task(settings, store)
+    events = [enrollment("e-m", "m", 1), enrollment("e-n", "n", 1),
+              purchase("p-n", "n", 1, points=3), purchase("p-m", "m", 2)]
+    assert signals_of(commit_batch(task, input_records(settings, events))) == []  # K = 2
+    # K = 4: touch <= 2: m and n at risk; expiry 6 > 4 + 1: no notice yet
+    assert sorted(signals_of(commit_batch(task, advance_to=4))) == [
+        ("m", "at_risk", hour(5)), ("n", "at_risk", hour(5))]
+    handed_over = MemoryStore()  # the next owner's copy (the original goes on with its own)
+    handed_over.write(store.items(), store.offset)
+    rebuilt = open_task(settings, handed_over)
+    assert signals_of(commit_batch(rebuilt, advance_to=4)) == []  # nothing is announced twice
+    again = signals_of(commit_batch(rebuilt, advance_to=5)) + signals_of(
+        commit_batch(rebuilt, advance_to=6))
     # K = 5: n 1 <= 1 churned, n's 3 points expire in bucket 6 <= 5 + 1. K = 6: m 2 <= 2 churned
-    assert [(s["member_id"], s["signal"], s["as_of"]) for s in again] == [
-        ("n", "churned", hour(6)), ("n", "points_expiring", hour(6)), ("m", "churned", hour(7))]
-    assert again == first[2:]
-
-
-def test_redelivery_after_a_crash_between_member_and_bucket_writes(make_processor):
-    # the member record was written with p-2 in it, the bucket record of bucket 3 was not
-    original = make_processor(windows=(4,))
-    original.process(to_event(purchase("p-1", "m", 1, 10.0)), ("loyalty.purchases", 0))
-    before = {bucket: PartitionStore.bucket_record(original, bucket) for bucket in _event_buckets(original)}
-    original.process(to_event(purchase("p-2", "m", 3, 30.0)), ("loyalty.purchases", 1))
-    crashed = rebuild(original, buckets=before)
-    assert crashed.process(to_event(purchase("p-2", "m", 3, 30.0)), ("loyalty.purchases", 1)) == (
-        REDELIVERED)
-    records = crashed.evaluate()
-    # both orders counted exactly once: 40.0 over 2 orders
-    assert (value(records, "aov_member", "4h"), record(records, "aov_member", "4h")["denominator"]) == (
-        20.0, 2)
-    assert kpis_without_history(crashed) == kpis_without_history(original)
+    assert again == [("n", "churned", hour(6)), ("n", "points_expiring", hour(6)),
+                     ("m", "churned", hour(7))]
+    assert again == signals_of(commit_batch(task, advance_to=5)) + signals_of(
+        commit_batch(task, advance_to=6))
 
 
 @pytest.mark.parametrize(
@@ -401,10 +426,14 @@ def test_redelivery_after_a_crash_between_member_and_bucket_writes(make_processo
     ids=["guest-purchase", "survey", "enrollment"],
 )
 def test_rebuild_keeps_the_as_of_bucket_when_the_last_event_is_not_member_activity(
-        make_processor, last):
+        make_settings, last):
     # event clock: K is the bucket of the largest event ts seen (SPEC 2), whatever its type
-    original = make_processor([purchase("p-m", "m", 2, 10.0), last], windows=(3,))
+    settings = make_settings(windows=(3,))
+    events = [purchase("p-m", "m", 2, 10.0), last]
+    original = feed(Processor(settings), events)
     assert original.as_of_bucket() == 9
-    copy = rebuild(original)
+    store = MemoryStore()
+    commit_batch(open_task(settings, store), input_records(settings, events))
+    copy = open_task(settings, store).processor
     assert copy.as_of_bucket() == 9
     assert copy.evaluate() == original.evaluate()

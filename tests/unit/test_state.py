@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 
+import orjson
 import pytest
 
 from stream_kpis.core.events import ENROLLMENT, PURCHASE, REDEMPTION, Event
@@ -164,52 +165,63 @@ def test_implicit_member_and_touch_without_activity():
     assert late_enrollment.last_touch == 20  # max(enrolled_at 20, last_activity 10)
 
 
+def fields(state: MemberState) -> dict:
+    return {name: getattr(state, name) for name in MemberState.__slots__}
+
+
 def test_to_bytes_round_trip():
     state = apply_all(points_events() + [enrollment("e", 5, "web", "gold")])
-    state.seen("pP1", "loyalty.purchases:7", 10)
-    state.seen("rR1", None, 10)
+    state.seen("pP1", 10)
     state.status = "at_risk"
     state.notified_expiry = 4
     copy = MemberState.from_bytes(state.to_bytes())
-    assert copy.to_dict() == state.to_dict()
+    assert fields(copy) == fields(state)
     assert copy.enrolled_at == 5 and copy.tier == "gold" and copy.channel == "web"
     # the copy keeps working like the original
-    assert copy.seen("pP1", "loyalty.purchases:7", 10) == "redelivered"
-    assert copy.seen("rR1", None, 10) == "duplicate"
+    assert copy.seen("pP1", 10) is True
     for target in (state, copy):
         target.apply(purchase("P4", 120, points=2), V)
-    assert copy.to_dict() == state.to_dict()
+    assert fields(copy) == fields(state)
     # P4 2 @120 changes nothing before it: remaining [0, 3, 0, 2]
     assert copy.remaining == [0, 3, 0, 2] and copy.unbacked == 1
 
 
 def test_fresh_state_round_trip():
     state = MemberState()
-    assert MemberState.from_bytes(state.to_bytes()).to_dict() == state.to_dict()
+    assert fields(MemberState.from_bytes(state.to_bytes())) == fields(state)
     assert state.status == ACTIVE
+
+
+def test_states_written_with_delivery_tokens_still_read():
+    # earlier versions kept a Kafka delivery token ("topic:offset") per de-duplication key
+    old = fields(apply_all([enrollment("e", 5, "web"), purchase("P1", 20)]))
+    old["recent"] = {"eE1": None, "pP1": "loyalty.purchases:7"}
+    state = MemberState.from_bytes(orjson.dumps([old[name] for name in MemberState.__slots__]))
+    assert state.seen("pP1", 10) is True and state.seen("eE1", 10) is True
+    assert state.seen("pP2", 10) is False
+    assert list(state.recent) == ["eE1", "pP1", "pP2"]
+    assert (state.purchase_count, state.last_touch) == (1, 20)
 
 
 # --- seen -----------------------------------------------------------------------------------
 
 
-def test_seen_new_duplicate_redelivered():
+def test_seen_remembers_a_new_key():
     state = MemberState()
-    assert state.seen("pA", "purchases:1", 5) is None  # new: remembered now
-    assert state.seen("pA", "purchases:1", 5) == "redelivered"  # the very same record again
-    assert state.seen("pA", "purchases:9", 5) == "duplicate"  # another record, same event
-    assert state.seen("pA", None, 5) == "duplicate"  # replay has no token
-    assert state.seen("pB", None, 5) is None
-    assert state.seen("pB", None, 5) == "duplicate"  # without tokens nothing is "redelivered"
+    assert state.seen("pA", 5) is False  # new: remembered now
+    assert state.seen("pA", 5) is True
+    assert state.seen("rA", 5) is False  # the key includes the type
+    assert state.seen("rA", 5) is True
 
 
 def test_seen_is_bounded_oldest_first():
     state = MemberState()
     for key in ("k1", "k2", "k3"):
-        assert state.seen(key, None, 2) is None
+        assert state.seen(key, 2) is False
     assert len(state.recent) == 2
     assert list(state.recent) == ["k2", "k3"]
-    assert state.seen("k3", None, 2) == "duplicate"
-    assert state.seen("k1", None, 2) is None  # forgotten: treated as new (and k2 drops out)
+    assert state.seen("k3", 2) is True
+    assert state.seen("k1", 2) is False  # forgotten: treated as new (and k2 drops out)
     assert list(state.recent) == ["k3", "k1"]
 
 
@@ -217,5 +229,5 @@ def test_seen_is_bounded_oldest_first():
 def test_seen_never_exceeds_its_bound(bound):
     state = MemberState()
     for i in range(bound * 3):
-        state.seen(f"k{i}", None, bound)
+        state.seen(f"k{i}", bound)
         assert len(state.recent) <= bound
