@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 import urllib.request
 import uuid
 import warnings
@@ -37,6 +36,8 @@ with warnings.catch_warnings():
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import KafkaError
+
+from tests.helpers import wait_until
 
 __all__ = ["unique_topic_prefix"]
 
@@ -91,14 +92,6 @@ def _run_script(script: str, action: str) -> None:
         )
 
 
-def _wait_until(probe: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not probe():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} was not reachable within {READY_TIMEOUT_S}s", pytrace=False)
-        time.sleep(0.3)
-
-
 def _should_stop_at_end() -> bool:
     keep = os.environ.get("STREAM_KPIS_KEEP_SERVICES", "") not in ("", "0")
     return not keep and "PYTEST_XDIST_WORKER" not in os.environ
@@ -111,7 +104,7 @@ def _ensure_service(script: str, probe: Callable[[], bool], what: str) -> Iterat
     if not probe():
         _run_script(script, "up")
         started_here = True
-        _wait_until(probe, what)
+        wait_until(probe, READY_TIMEOUT_S, f"{what} reachable", interval=0.3)
     yield
     if started_here and _should_stop_at_end():
         subprocess.run(
@@ -194,7 +187,8 @@ def create_topics(kafka_admin: KafkaAdminClient, topic_prefix: str) -> Iterator[
             [NewTopic(name, num_partitions=partitions, replication_factor=1) for name in full]
         )
         created.extend(full)
-        _wait_until(lambda: _topics_have_leaders(kafka_admin, full, partitions), f"leaders for topics {full}")
+        wait_until(lambda: _topics_have_leaders(kafka_admin, full, partitions), READY_TIMEOUT_S,
+                   f"leaders for topics {full}", interval=0.3)
         return full
 
     yield create

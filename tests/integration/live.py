@@ -39,32 +39,14 @@ from stream_kpis.live.kafka_log import ingest_group
 from stream_kpis.live.kafka_tools import _file_messages, client_config, create_topics, produce_sources
 from stream_kpis.replay import Source, replay, source_for_path
 from stream_kpis.settings import Settings, load_settings
+from tests.helpers import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 STREAM_KPIS = str(Path(sys.executable).with_name("stream-kpis"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def record_key(record: dict[str, Any]) -> tuple:
     return (record["kpi"], record["window"], tuple(sorted(record.get("labels", {}).items())))
-
-
-def wait_until(probe: Callable[[], Any], timeout: float, what: str,
-               detail: Callable[[], str] = lambda: "") -> Any:
-    """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s\n{detail()}")
-        time.sleep(0.25)
 
 
 @dataclass(frozen=True)

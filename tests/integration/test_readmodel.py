@@ -25,6 +25,7 @@ from stream_kpis.live.readmodel import (
     read_kpi,
     read_member,
 )
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -54,12 +55,6 @@ def prefix():
 def client(redis_url):
     with redis.Redis.from_url(redis_url, decode_responses=True) as client:
         yield client
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:
