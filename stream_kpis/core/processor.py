@@ -367,7 +367,7 @@ class PartitionStore:
     def bucket_record(processor: Processor, bucket: int) -> bytes:
         aggs = processor.aggs
         sums = {name: hist[bucket] for name, hist in aggs.sums.items()
-                if bucket in hist and not name.startswith("lot_")}
+                if hist.get(bucket) and not name.startswith("lot_")}  # a zero sum is no sum
         mentions = {key: hist[bucket] for key, hist in aggs.mentions.items() if bucket in hist}
         return orjson.dumps({"sums": sums, "mentions": mentions})
 

@@ -21,6 +21,7 @@ State log records (key -> value, one per changed key and batch):
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -81,18 +82,43 @@ def parse_partial(value: bytes) -> tuple[int | None, int, bytes]:
 
 
 class _StoreMembers(MutableMapping):
-    """Member states of one partition: the local store plus the batch's changes (``dirty``)."""
+    """Member states of one partition: the local store, the batch's changes (``dirty``) and a
+    bounded cache of decoded committed states (decoding is most of a store read's cost).
 
-    def __init__(self, store: LocalStore) -> None:
+    The Processor changes a state object in place and then assigns it back, so a cached object
+    may hold uncommitted changes until the batch commits; a failed commit discards the whole
+    task, cache included."""
+
+    def __init__(self, store: LocalStore, cache_size: int = 20_000) -> None:
         self.store = store
         self.dirty: dict[str, MemberState] = {}
+        self.cache: dict[str, MemberState] = {}  # insertion order = least recently used first
+        self.cache_size = cache_size
 
     def get(self, member_id: str, default: Any = None) -> MemberState | None:
         state = self.dirty.get(member_id)
         if state is not None:
             return state
-        raw = self.store.get(MEMBER + member_id.encode())
-        return default if raw is None else MemberState.from_bytes(raw)
+        state = self.cache.pop(member_id, None)
+        if state is None:
+            raw = self.store.get(MEMBER + member_id.encode())
+            if raw is None:
+                return default
+            state = MemberState.from_bytes(raw)
+        self.cache[member_id] = state
+        return state
+
+    def committed(self) -> None:
+        """The dirty states are durable: keep them as cached, forget the oldest beyond the bound."""
+        cache = self.cache
+        for member_id, state in self.dirty.items():
+            cache.pop(member_id, None)
+            cache[member_id] = state
+        self.dirty.clear()
+        excess = len(cache) - self.cache_size
+        if excess > 0:
+            for member_id in list(itertools.islice(cache, excess)):
+                del cache[member_id]
 
     def __getitem__(self, member_id: str) -> MemberState:
         state = self.get(member_id)
@@ -226,7 +252,7 @@ class PartitionTask:
     def committed(self, commit: Commit, log_end: int | None) -> None:
         """The Commit is durable: write its state records to the local store."""
         self.store.write(commit.state, log_end)
-        self.members.dirty.clear()
+        self.members.committed()
         self.pending = None
         self.log_end = log_end
 
