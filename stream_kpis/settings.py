@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .core.catalogue import SEGMENT_DIMENSIONS
 from .core.timebase import duration_label, parse_duration
 from .exceptions import ConfigError
 
@@ -87,6 +88,7 @@ class Topics:
     kpi_churn: str = "loyalty.kpi.churn"
     kpi_engagement: str = "loyalty.kpi.engagement"
     kpi_satisfaction: str = "loyalty.kpi.satisfaction"
+    kpi_cohorts: str = "loyalty.kpi.cohorts"
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:
@@ -110,6 +112,7 @@ class Topics:
             "churn": self.kpi_churn,
             "engagement": self.kpi_engagement,
             "satisfaction": self.kpi_satisfaction,
+            "cohorts": self.kpi_cohorts,
         }
 
 
@@ -127,6 +130,11 @@ class Settings:
     points_expiring_notice_ms: int = 30 * DAY_MS
     clock: str = "event"
     max_skew_ms: int = 3_600_000
+    # segments and cohorts (SPEC 4.2, 4.3)
+    segments: tuple[str, ...] = ()
+    segment_limit: int = 50   # per dimension, in Prometheus (KPI topics and replay carry all)
+    cohorts: int = 12
+    cohort_ages: int = 12
     # input hygiene
     max_event_bytes: int = 65_536
     dedupe_per_member: int = 128
@@ -162,6 +170,10 @@ class Settings:
             raise ConfigError("[kpis] windows is empty: list at least one window, e.g. [\"30d\"]")
         for window in self.windows_ms:
             self._whole_buckets("windows", window)
+        unknown = [d for d in self.segments if d not in SEGMENT_DIMENSIONS]
+        if unknown:
+            raise ConfigError(f"[kpis] segments: unknown dimension(s) {unknown}; choose from "
+                              f"{list(SEGMENT_DIMENSIONS)}")
         if self.clock not in ("event", "wall"):
             raise ConfigError(f"clock must be 'event' (replay) or 'wall' (live), got {self.clock!r}")
 
@@ -220,7 +232,8 @@ def _kpi_settings(kpis: Mapping[str, Any]) -> dict[str, Any]:
         "max_skew": "max_skew_ms",
     }
     known = set(simple) | {"windows", "points_validity", "clock", "emit_interval",
-                           "dedupe_per_member", "guest_dedupe", "max_event_bytes"}
+                           "dedupe_per_member", "guest_dedupe", "max_event_bytes", "segments",
+                           "segment_limit", "cohorts", "cohort_ages"}
     unknown = set(kpis) - known
     if unknown:
         raise ConfigError(f"[kpis] unknown key(s) {sorted(unknown)}; known keys: {sorted(known)}")
@@ -237,11 +250,21 @@ def _kpi_settings(kpis: Mapping[str, Any]) -> dict[str, Any]:
         out["clock"] = kpis["clock"]
     if "emit_interval" in kpis:
         out["emit_interval_s"] = _duration("kpis", "emit_interval", kpis["emit_interval"]) / 1000
-    for key in ("dedupe_per_member", "guest_dedupe", "max_event_bytes"):
+    for key in ("dedupe_per_member", "guest_dedupe", "max_event_bytes", "segment_limit"):
         if key in kpis:
             if not isinstance(kpis[key], int) or kpis[key] < 1:
                 raise ConfigError(f"[kpis] {key} must be a positive integer, got {kpis[key]!r}")
             out[key] = kpis[key]
+    for key in ("cohorts", "cohort_ages"):  # 0 turns cohort retention off
+        if key in kpis:
+            if not isinstance(kpis[key], int) or kpis[key] < 0:
+                raise ConfigError(f"[kpis] {key} must be a whole number >= 0, got {kpis[key]!r}")
+            out[key] = kpis[key]
+    if "segments" in kpis:
+        segments = kpis["segments"]
+        if not isinstance(segments, list) or not all(isinstance(d, str) for d in segments):
+            raise ConfigError('[kpis] segments must be a list such as ["tier", "store_id"]')
+        out["segments"] = tuple(dict.fromkeys(segments))
     return out
 
 

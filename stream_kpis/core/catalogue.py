@@ -28,18 +28,26 @@ __all__ = [
     "TOPIC_KEYS",
     "UNITS",
     "Kpi",
+    "MEMBER_DIMENSIONS",
+    "ORDER_DIMENSIONS",
+    "SEGMENT_DIMENSIONS",
     "formula_table",
     "label_names",
 ]
 
 #: Output topic keys, in the order of SPEC section 6 (``Settings.topics.kpi_topics()`` keys).
-TOPIC_KEYS = ("active-rate", "redemption", "churn", "engagement", "satisfaction")
+TOPIC_KEYS = ("active-rate", "redemption", "churn", "engagement", "satisfaction", "cohorts")
 #: ratio: a share or a relative change (1 = 100 %); score: NPS, -100..100; currency: the
 #: order currency; count: members, orders, responses or comments; points: loyalty points.
 UNITS = ("count", "ratio", "points", "currency", "score")
 #: SPEC 4.2: "member" KPIs are evaluated over the members with a dimension value, "order" KPIs
 #: over the purchases with it; None: the KPI is never segmented.
 SEGMENT_KINDS = (None, "member", "order")
+#: SPEC 4.2 dimensions: a member's value as of K ("member" KPIs), or the purchase's own field
+#: ("order" KPIs).
+MEMBER_DIMENSIONS = ("tier", "enrollment_channel", "home_store")
+ORDER_DIMENSIONS = ("channel", "store_id")
+SEGMENT_DIMENSIONS = MEMBER_DIMENSIONS + ORDER_DIMENSIONS
 
 
 @dataclass(frozen=True)
@@ -203,6 +211,16 @@ CATALOGUE: tuple[Kpi, ...] = (
         ("feedback_mentions", _W, ("lexicon", "term"), "count", None,
          "Survey comments mentioning a lexicon term in the window.",
          "comments in window containing the term (whole word, case-insensitive, Unicode)"),
+    ),
+    *_group(
+        "cohorts",
+        ("cohort_size", _ONE, ("cohort",), "count", None,
+         "Members of an enrollment-month cohort.",
+         "members whose enrolled_at is in the cohort's UTC month (enrollments after K count as K)"),
+        ("cohort_retention", _ONE, ("cohort", "age"), "ratio", None,
+         "Share of a cohort's members active in the month `age` months after the cohort's.",
+         "members of the cohort with a purchase or redemption whose (clamped) bucket starts in "
+         "month cohort + age / cohort_size"),
     ),
 )
 

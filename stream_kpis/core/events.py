@@ -56,12 +56,13 @@ class Event:
     """A validated event. Fields a type does not carry are None (points defaults to 0)."""
 
     __slots__ = ("type", "event_id", "member_id", "ts", "amount", "points", "margin", "value",
-                 "channel", "tier", "nps", "csat", "comment")
+                 "channel", "tier", "nps", "csat", "comment", "store_id")
 
     def __init__(self, type: str, event_id: str, member_id: str | None, ts: int, *,
                  amount: float | None = None, points: int = 0, margin: float | None = None,
                  value: float | None = None, channel: str | None = None, tier: str | None = None,
-                 nps: int | None = None, csat: int | None = None, comment: str | None = None) -> None:
+                 nps: int | None = None, csat: int | None = None, comment: str | None = None,
+                 store_id: str | None = None) -> None:
         self.type = type
         self.event_id = event_id
         self.member_id = member_id
@@ -75,6 +76,7 @@ class Event:
         self.nps = nps
         self.csat = csat
         self.comment = comment
+        self.store_id = store_id
 
     @property
     def partition_key(self) -> str:
@@ -196,7 +198,7 @@ def _purchase(obj: Mapping[str, Any], event_id: str, ts: int) -> Event:
         raise _Invalid("negative_amount", "amount must be >= 0")
     return Event(PURCHASE, event_id, _id(obj, "member_id", False), ts, amount=amount,
                  points=_int_in(obj, "points", 0, None) or 0, margin=_number(obj, "margin", False),
-                 channel=obj.get("channel"), tier=obj.get("tier"))
+                 channel=obj.get("channel"), tier=obj.get("tier"), store_id=obj.get("store_id"))
 
 
 def _redemption(obj: Mapping[str, Any], event_id: str, ts: int) -> Event:

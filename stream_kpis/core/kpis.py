@@ -9,6 +9,7 @@ partitions are merged by adding them up (:meth:`Aggregates.merge`).
 
 from __future__ import annotations
 
+import datetime
 import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping
@@ -29,6 +30,11 @@ __all__ = [
     "churn_snapshots",
     "KPI_TOPICS",
     "MentionMatcher",
+    "Contribution",
+    "member_contribution",
+    "member_value",
+    "cohort_records",
+    "month_of",
 ]
 
 # Indexes into MemberView for the member count histograms.
@@ -76,6 +82,28 @@ def member_view(state: Any, bucket_ms: int) -> MemberView:
     )
 
 
+def member_value(state: Any, dimension: str) -> str:
+    """A member's value of a member dimension (SPEC 4.2); "unknown" when it has none."""
+    if dimension == "tier":
+        return state.tier
+    if dimension == "enrollment_channel":
+        return state.channel
+    return state.home_store
+
+
+#: A whole member's part of the aggregates: (view, lifetime spend, points balance, has a
+#: purchase, unbacked points, lot contributions).
+Contribution = tuple
+
+
+def member_contribution(state: Any, bucket_ms: int, validity_ms: int | None) -> Contribution:
+    lots = (tuple(state.lot_contributions(validity_ms, bucket_ms))
+            if validity_ms is not None and state.lots else ())
+    return (member_view(state, bucket_ms), state.lifetime_spend,
+            state.points_earned - state.points_redeemed, state.purchase_count > 0,
+            state.unbacked, lots)
+
+
 def _add(hist: dict, key: Any, amount: float) -> None:
     value = hist.get(key, 0) + amount
     if value:
@@ -87,7 +115,8 @@ def _add(hist: dict, key: Any, amount: float) -> None:
 class Aggregates:
     """Histograms and sums for a set of members and events (one partition, or merged)."""
 
-    __slots__ = ("hists", "by_channel", "tiers", "sums", "mentions", "totals")
+    __slots__ = ("hists", "by_channel", "tiers", "sums", "mentions", "totals", "segments",
+                 "cohort_members", "cohort_active", "cohort_max")
 
     def __init__(self) -> None:
         self.hists: list[dict[int, int]] = [{} for _ in range(_MEMBER_HISTS)]
@@ -96,6 +125,14 @@ class Aggregates:
         self.sums: dict[str, dict[int, float]] = {name: {} for name in SUM_NAMES}
         self.mentions: dict[str, dict[int, int]] = {}      # "lexicon\tterm" -> bucket histogram
         self.totals: dict[str, float] = dict.fromkeys(TOTAL_NAMES, 0)
+        # SPEC 4.2: "dimension\tvalue" -> the aggregates of that segment's members or purchases
+        self.segments: dict[str, Aggregates] = {}
+        # SPEC 4.3, by raw month (year*12 + month-1): members by enrollment month; members by
+        # (enrollment month, month with activity >= it); members by (enrollment month, their
+        # latest month with activity), which is what clamping to the month of K needs
+        self.cohort_members: dict[int, int] = {}
+        self.cohort_active: dict[int, dict[int, int]] = {}
+        self.cohort_max: dict[int, dict[int, int]] = {}
 
     def move_member(self, old: MemberView | None, new: MemberView) -> None:
         """Move one member from its old histogram positions to the new ones."""
@@ -128,6 +165,53 @@ class Aggregates:
     def add(self, name: str, bucket: int, amount: float) -> None:
         _add(self.sums[name], bucket, amount)
 
+    def segment(self, dimension: str, value: str) -> Aggregates:
+        key = f"{dimension}\t{value}"
+        segment = self.segments.get(key)
+        if segment is None:
+            segment = self.segments[key] = Aggregates()
+        return segment
+
+    def add_contribution(self, contribution: Contribution, sign: int) -> None:
+        """Add (sign=1) or remove (sign=-1) a whole member: histograms, totals, lots."""
+        view, spend, balance, purchaser, unbacked, lots = contribution
+        hists = self.hists
+        for i in range(_MEMBER_HISTS):
+            if view[i] is not None:
+                _add(hists[i], view[i], sign)
+        _add(self.by_channel.setdefault(view[8], {}), view[0], sign)
+        _add(self.tiers, view[9], sign)
+        totals = self.totals
+        totals["members"] += sign
+        totals["lifetime_spend"] += sign * spend
+        totals["points_balance"] += sign * balance
+        totals["purchasers"] += sign * purchaser
+        totals["unbacked"] += sign * unbacked
+        if lots:
+            self.add_lots(lots, sign)
+
+    def add_cohort(self, cohort: int, months: Iterable[int], sign: int) -> None:
+        """Add or remove a member of ``cohort`` (raw enrollment month) with these activity
+        months (sorted)."""
+        _add(self.cohort_members, cohort, sign)
+        months = list(months)
+        if months:
+            active = self.cohort_active.setdefault(cohort, {})
+            for month in months:
+                if month >= cohort:
+                    _add(active, month, sign)
+            _add(self.cohort_max.setdefault(cohort, {}), months[-1], sign)
+
+    def add_cohort_month(self, cohort: int, month: int, old_max: int | None) -> None:
+        """One member of ``cohort`` has a new activity month."""
+        if month >= cohort:
+            _add(self.cohort_active.setdefault(cohort, {}), month, 1)
+        if old_max is None or month > old_max:
+            latest = self.cohort_max.setdefault(cohort, {})
+            if old_max is not None:
+                _add(latest, old_max, -1)
+            _add(latest, month, 1)
+
     def add_lots(self, contributions: Iterable[tuple[int, int, int]], sign: int) -> None:
         """Add (sign=1) or remove (sign=-1) a member's (expiry bucket, points, remaining) lots."""
         points, remaining = self.sums["lot_points"], self.sums["lot_remaining"]
@@ -151,6 +235,16 @@ class Aggregates:
             _merge_hist(self.mentions.setdefault(key, {}), hist)
         for name, value in other.totals.items():
             self.totals[name] += value
+        for key, segment in other.segments.items():
+            mine = self.segments.get(key)
+            if mine is None:
+                mine = self.segments[key] = Aggregates()
+            mine.merge(segment)
+        _merge_hist(self.cohort_members, other.cohort_members)
+        for mine_nested, theirs_nested in ((self.cohort_active, other.cohort_active),
+                                           (self.cohort_max, other.cohort_max)):
+            for cohort, hist in theirs_nested.items():
+                _merge_hist(mine_nested.setdefault(cohort, {}), hist)
 
     @classmethod
     def merged(cls, parts: Iterable[Aggregates]) -> Aggregates:
@@ -160,18 +254,28 @@ class Aggregates:
         return total
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps({
+        return orjson.dumps(self._to_dict())
+
+    def _to_dict(self) -> dict[str, Any]:
+        return {
             "hists": [_pairs(h) for h in self.hists],
             "by_channel": {c: _pairs(h) for c, h in self.by_channel.items()},
             "tiers": self.tiers,
             "sums": {n: _pairs(h) for n, h in self.sums.items() if h},
             "mentions": {k: _pairs(h) for k, h in self.mentions.items()},
             "totals": self.totals,
-        })
+            "segments": {key: seg._to_dict() for key, seg in self.segments.items()},
+            "cohort_members": _pairs(self.cohort_members),
+            "cohort_active": [[c, _pairs(h)] for c, h in self.cohort_active.items() if h],
+            "cohort_max": [[c, _pairs(h)] for c, h in self.cohort_max.items() if h],
+        }
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Aggregates:
-        raw = orjson.loads(data)
+        return cls._from_dict(orjson.loads(data))
+
+    @classmethod
+    def _from_dict(cls, raw: Mapping[str, Any]) -> Aggregates:
         aggs = cls()
         aggs.hists = [dict(pairs) for pairs in raw["hists"]]
         aggs.by_channel = {c: dict(p) for c, p in raw["by_channel"].items()}
@@ -180,6 +284,10 @@ class Aggregates:
             aggs.sums[name] = dict(pairs)
         aggs.mentions = {k: dict(p) for k, p in raw["mentions"].items()}
         aggs.totals.update(raw["totals"])
+        aggs.segments = {key: cls._from_dict(seg) for key, seg in raw.get("segments", {}).items()}
+        aggs.cohort_members = dict(raw.get("cohort_members", ()))
+        aggs.cohort_active = {c: dict(p) for c, p in raw.get("cohort_active", ())}
+        aggs.cohort_max = {c: dict(p) for c, p in raw.get("cohort_max", ())}
         return aggs
 
 
@@ -331,6 +439,26 @@ def evaluate(aggs: Aggregates, K: int, *, bucket_ms: int, windows: Mapping[int, 
     return evaluation.out.items
 
 
+class _LazyRanges:
+    """:class:`_Ranges` of each histogram, built the first time it is asked for (a segment's
+    evaluation reads only some of them). Expiry buckets of point lots lie in the future of K:
+    not clamped."""
+
+    __slots__ = ("hists", "K", "built")
+
+    def __init__(self, hists: Mapping[Any, Mapping[int, float]], K: int) -> None:
+        self.hists = hists
+        self.K = K
+        self.built: dict[Any, _Ranges] = {}
+
+    def __getitem__(self, name: Any) -> _Ranges:
+        ranges = self.built.get(name)
+        if ranges is None:
+            clamp = not (isinstance(name, str) and name.startswith("lot_"))
+            ranges = self.built[name] = _Ranges(self.hists[name], self.K, clamp=clamp)
+        return ranges
+
+
 class _Evaluation:
     """Range sums of one :class:`Aggregates` as of K, and the records evaluated from them.
 
@@ -341,10 +469,8 @@ class _Evaluation:
         self.aggs = aggs
         self.K = K
         self.out = _Records(as_of)
-        self.hist = [_Ranges(h, K) for h in aggs.hists]
-        # expiry buckets of point lots lie in the future of K: not clamped
-        self.sums = {name: _Ranges(h, K, clamp=not name.startswith("lot_"))
-                     for name, h in aggs.sums.items()}
+        self.hist = _LazyRanges(dict(enumerate(aggs.hists)), K)
+        self.sums = _LazyRanges(aggs.sums, K)
         self.members = aggs.totals["members"]
 
     def in_window(self, name: str, w: int) -> float:
@@ -448,3 +574,52 @@ class _Evaluation:
             mentions = self.aggs.mentions.get(key)
             count = _Ranges(mentions, self.K).since(self.K - w + 1) if mentions else 0
             out.add("feedback_mentions", label, count, labels={"lexicon": lexicon, "term": term})
+
+
+_MONTHS: dict[int, int] = {}
+
+
+def month_of(ms: int) -> int:
+    """The UTC calendar month of an epoch-ms instant, as year * 12 + month - 1."""
+    day = ms // 86_400_000
+    month = _MONTHS.get(day)
+    if month is None:
+        date = datetime.date(1970, 1, 1) + datetime.timedelta(days=day)
+        month = _MONTHS[day] = date.year * 12 + date.month - 1
+    return month
+
+
+def _month_label(month: int) -> str:
+    return f"{month // 12:04d}-{month % 12 + 1:02d}"
+
+
+def cohort_records(aggs: Aggregates, K: int, bucket_ms: int, cohorts: int, ages: int
+                   ) -> list[dict[str, Any]]:
+    """cohort_size{cohort} and cohort_retention{cohort, age} as of K (SPEC 4.3).
+
+    Enrollments and activity after K count as K, so everything in or after the month of K
+    counts in that month: the members of later raw cohorts join K's cohort, and a member whose
+    latest activity month is at or after K's month was active in K's month.
+    """
+    out = _Records(as_of_time(K, bucket_ms))
+    if cohorts <= 0:
+        return out.items
+    mK = month_of(K * bucket_ms)
+    later = [c for c in aggs.cohort_members if c >= mK]
+    for cohort in range(mK - cohorts + 1, mK + 1):
+        raw = later if cohort == mK else [cohort]
+        size = sum(aggs.cohort_members.get(c, 0) for c in raw)
+        if size <= 0:
+            continue
+        label = _month_label(cohort)
+        out.add("cohort_size", None, size, labels={"cohort": label})
+        for age in range(min(ages, mK - cohort + 1)):
+            month = cohort + age
+            if month < mK:
+                active = aggs.cohort_active.get(cohort, {}).get(month, 0)
+            else:  # K's month: every member whose latest activity is at or after it
+                active = sum(n for c in raw for latest, n in aggs.cohort_max.get(c, {}).items()
+                             if latest >= mK)
+            out.add("cohort_retention", None, _ratio(active, size), active, size,
+                    labels={"age": str(age), "cohort": label})
+    return out.items

@@ -64,7 +64,7 @@ class MemberState:
         "last_activity", "last_purchase", "prev_purchase", "first_purchase", "purchase_count",
         "lifetime_spend", "points_earned", "points_redeemed", "last_redemption",
         "redemption_count", "recent", "lots", "redemptions", "remaining", "unbacked",
-        "status", "notified_expiry",
+        "status", "notified_expiry", "home_store", "home_key", "months",
     )
 
     def __init__(self) -> None:
@@ -91,6 +91,9 @@ class MemberState:
         self.unbacked = 0
         self.status = ACTIVE
         self.notified_expiry: list[int] = []        # expiry buckets a notice was sent for (>= K)
+        self.home_store: str = UNKNOWN              # store_id of the earliest purchase with one
+        self.home_key: list | None = None           # [ts, event_id] of that purchase
+        self.months: list[int] | None = None        # sorted months with activity (year*12+month-1)
 
     # derived fields
     @property
@@ -141,6 +144,11 @@ class MemberState:
                     _insert_sorted(self.lots, [ts, event.event_id, event.points])
                     self._reallocate(validity_ms)
             self._maybe_tier(event)
+            if event.store_id:
+                key = [ts, event.event_id]
+                if self.home_key is None or key < self.home_key:
+                    self.home_key = key
+                    self.home_store = event.store_id
         elif kind == REDEMPTION:
             self._activity(ts)
             self.redemption_count += 1
@@ -199,7 +207,25 @@ class MemberState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MemberState:
-        state = cls.__new__(cls)
-        for name, value in zip(cls.__slots__, orjson.loads(data), strict=True):
+        """A state from :meth:`to_bytes`; states written before the last fields were added get
+        their defaults for them."""
+        values = orjson.loads(data)
+        if len(values) < len(cls.__slots__):
+            state = cls()
+        else:
+            state = cls.__new__(cls)
+        for name, value in zip(cls.__slots__, values, strict=False):
             setattr(state, name, value)
         return state
+
+    def add_month(self, month: int) -> bool:
+        """Remember a month with activity; whether it is new."""
+        months = self.months
+        if months is None:
+            self.months = [month]
+            return True
+        if month in months:
+            return False
+        months.append(month)
+        months.sort()
+        return True

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .catalogue import CATALOGUE, MEMBER_DIMENSIONS, ORDER_DIMENSIONS
 from .events import PURCHASE, REDEMPTION, SURVEY, Event
 from .kpis import (
     LAST_TOUCH,
@@ -20,10 +21,14 @@ from .kpis import (
     MentionMatcher,
     churn_snapshot,
     churn_snapshots,
+    cohort_records,
     evaluate,
+    member_contribution,
+    member_value,
     member_view,
+    month_of,
 )
-from .member import ACTIVE, AT_RISK, CHURNED, MemberState
+from .member import ACTIVE, AT_RISK, CHURNED, UNKNOWN, MemberState
 from .timebase import format_rfc3339
 
 # Settings is only a type here; a runtime import would be circular, because stream_kpis.settings
@@ -78,6 +83,9 @@ class Processor:
         self.applied = 0
         self.duplicates = 0
         self.version = 0  # bumped by every event processed: "did anything change since?"
+        self.member_dims = tuple(d for d in settings.segments if d in MEMBER_DIMENSIONS)
+        self.order_dims = tuple(d for d in settings.segments if d in ORDER_DIMENSIONS)
+        self.cohorts = settings.cohorts > 0
 
     # ---- applying events -------------------------------------------------------------------
     def process(self, event: Event) -> str:
@@ -129,6 +137,9 @@ class Processor:
                 self.duplicates += 1
                 return DUPLICATE
             old_view = member_view(state, self.bucket_ms)
+        aggs = self.aggs
+        segments_before = self._segments_of(state) if self.member_dims and old_view else None
+        cohort_before = self._cohort_of(state) if self.cohorts and old_view else None
         had_purchase = state.purchase_count > 0
         points_event = validity is not None and (event.type == REDEMPTION or event.points)
         if points_event:
@@ -136,7 +147,6 @@ class Processor:
             old_unbacked = state.unbacked
         state.apply(event, validity)
         new_view = member_view(state, self.bucket_ms)
-        aggs = self.aggs
         aggs.move_member(old_view, new_view)
         totals = aggs.totals
         if event.type == PURCHASE:
@@ -153,6 +163,10 @@ class Processor:
             for expiry, _, _ in contributions:
                 self.expiry_index.setdefault(expiry, set()).add(member_id)
         self._event_sums(event, True)
+        if self.cohorts:
+            self._move_cohort(state, event, cohort_before)
+        if self.member_dims:
+            self._move_segments(segments_before, self._segments_of(state))
         old_touch = None if old_view is None else old_view[LAST_TOUCH]
         touch = new_view[LAST_TOUCH]
         if touch != old_touch:
@@ -167,6 +181,41 @@ class Processor:
         self.members[member_id] = state
         self.applied += 1
         return APPLIED
+
+    # ---- segments and cohorts (SPEC 4.2, 4.3) ----------------------------------------------
+    def _segments_of(self, state: MemberState) -> tuple[Any, tuple[str, ...]]:
+        """A member's contribution to the aggregates, and its value of each member dimension."""
+        return (member_contribution(state, self.bucket_ms, self.validity_ms),
+                tuple(member_value(state, d) for d in self.member_dims))
+
+    def _move_segments(self, before: tuple | None, after: tuple) -> None:
+        """Take the member out of the segments it was in, and into those it is in now: a tier
+        change moves the member and all their history."""
+        aggs = self.aggs
+        if before is not None:
+            for dimension, value in zip(self.member_dims, before[1], strict=True):
+                aggs.segment(dimension, value).add_contribution(before[0], -1)
+        for dimension, value in zip(self.member_dims, after[1], strict=True):
+            aggs.segment(dimension, value).add_contribution(after[0], 1)
+
+    def _cohort_of(self, state: MemberState) -> tuple[int, tuple[int, ...]]:
+        return month_of(state.enrolled_at), tuple(state.months or ())
+
+    def _move_cohort(self, state: MemberState, event: Event, before: tuple | None) -> None:
+        new_month = None
+        if event.type == PURCHASE or event.type == REDEMPTION:
+            month = month_of(event.ts // self.bucket_ms * self.bucket_ms)  # the bucket's month
+            if state.add_month(month):
+                new_month = month
+        cohort, months = self._cohort_of(state)
+        aggs = self.aggs
+        if before is None:
+            aggs.add_cohort(cohort, months, 1)
+        elif before[0] != cohort:
+            aggs.add_cohort(before[0], before[1], -1)
+            aggs.add_cohort(cohort, months, 1)
+        elif new_month is not None:
+            aggs.add_cohort_month(cohort, new_month, before[1][-1] if before[1] else None)
 
     def _event_sums(self, event: Event, member: bool) -> None:
         bucket = event.ts // self.bucket_ms
@@ -185,6 +234,14 @@ class Processor:
                 hist[bucket] = hist.get(bucket, 0) + event.margin
                 hist = sums[who[3]]
                 hist[bucket] = hist.get(bucket, 0) + 1
+            for dimension in self.order_dims:
+                value = (event.channel if dimension == "channel" else event.store_id) or UNKNOWN
+                segment = self.aggs.segment(dimension, value)
+                segment.add(who[0], bucket, event.amount)
+                segment.add(who[1], bucket, 1)
+                if event.margin is not None:
+                    segment.add(who[2], bucket, event.margin)
+                    segment.add(who[3], bucket, 1)
             if member and event.points:
                 hist = sums["points_earned"]
                 hist[bucket] = hist.get(bucket, 0) + event.points
@@ -329,10 +386,41 @@ def evaluate_kpis(settings: Settings, aggs: Aggregates, K: int,
         churn_history[K] = churn_snapshot(aggs, K, settings.windows, settings.churn_horizon)
     matcher_keys = [f"{lexicon}\t{term}" for lexicon, terms in settings.lexicons.items()
                     for term in terms]
-    return evaluate(aggs, K, bucket_ms=settings.bucket_ms, windows=settings.window_labels,
-                    horizon=settings.churn_horizon, settle=settings.settle,
-                    points_validity=settings.points_validity_ms is not None,
-                    mention_keys=matcher_keys, churn_history=churn_history)
+    options = {"bucket_ms": settings.bucket_ms, "windows": settings.window_labels,
+               "horizon": settings.churn_horizon, "settle": settings.settle,
+               "points_validity": settings.points_validity_ms is not None}
+    records = evaluate(aggs, K, mention_keys=matcher_keys, churn_history=churn_history, **options)
+    records += _segment_records(settings, aggs, K, options)
+    records += cohort_records(aggs, K, settings.bucket_ms, settings.cohorts, settings.cohort_ages)
+    return records
+
+
+#: SPEC 4.2: the KPIs reported per value of a member dimension, and of an order dimension.
+_SEGMENT_KPIS = {kind: frozenset(k.name for k in CATALOGUE if k.segment == kind)
+                 for kind in ("member", "order")}
+
+
+def _segment_records(settings: Settings, aggs: Aggregates, K: int, options: dict[str, Any]
+                     ) -> list[dict[str, Any]]:
+    """The SPEC 4.2 records of every value of every configured dimension, labelled with it.
+
+    A member dimension's value is reported while some member has it; an order dimension's
+    once some purchase had it."""
+    out: list[dict[str, Any]] = []
+    for key in sorted(aggs.segments):
+        dimension, value = key.split("\t", 1)
+        if dimension not in settings.segments:
+            continue
+        segment = aggs.segments[key]
+        kind = "member" if dimension in MEMBER_DIMENSIONS else "order"
+        if kind == "member" and segment.totals["members"] <= 0:
+            continue
+        wanted = _SEGMENT_KPIS[kind]
+        for record in evaluate(segment, K, **options):
+            if record["kpi"] in wanted:
+                record["labels"] = {dimension: value}
+                out.append(record)
+    return out
 
 
 def member_status(state: MemberState, K: int, settings: Settings) -> dict[str, Any]:
@@ -369,7 +457,17 @@ class PartitionStore:
         sums = {name: hist[bucket] for name, hist in aggs.sums.items()
                 if hist.get(bucket) and not name.startswith("lot_")}  # a zero sum is no sum
         mentions = {key: hist[bucket] for key, hist in aggs.mentions.items() if bucket in hist}
-        return orjson.dumps({"sums": sums, "mentions": mentions})
+        record: dict[str, Any] = {"sums": sums, "mentions": mentions}
+        if processor.order_dims:  # order-dimension segments hold event sums too
+            segments = {}
+            for key, segment in aggs.segments.items():
+                if key.split("\t", 1)[0] in processor.order_dims:
+                    values = {name: hist[bucket] for name, hist in segment.sums.items()
+                              if hist.get(bucket)}
+                    if values:
+                        segments[key] = values
+            record["segments"] = segments
+        return orjson.dumps(record)
 
     @staticmethod
     def load_bucket(processor: Processor, bucket: int, data: bytes) -> None:
@@ -380,6 +478,12 @@ class PartitionStore:
             aggs.add(name, bucket, value)
         for key, value in record["mentions"].items():
             aggs.mentions.setdefault(key, {})[bucket] = value
+        for key, values in record.get("segments", {}).items():
+            dimension, value = key.split("\t", 1)
+            if dimension in processor.order_dims:
+                segment = aggs.segment(dimension, value)
+                for name, amount in values.items():
+                    segment.add(name, bucket, amount)
         start = bucket * processor.bucket_ms  # guest and survey events live only here: keep K
         if processor.max_ts is None or start > processor.max_ts:
             processor.max_ts = start
@@ -400,6 +504,10 @@ class PartitionStore:
             for expiry, _, _ in contributions:
                 processor.expiry_index.setdefault(expiry, set()).add(member_id)
         totals["unbacked"] += state.unbacked
+        if processor.member_dims:
+            processor._move_segments(None, processor._segments_of(state))
+        if processor.cohorts:
+            aggs.add_cohort(*processor._cohort_of(state), 1)
         processor.touch_index.setdefault(view[LAST_TOUCH], set()).add(member_id)
         touch = state.last_touch
         if processor.max_ts is None or touch > processor.max_ts:

@@ -18,6 +18,7 @@ from tests.oracle import brute_force_kpis
 
 HOUR = 3_600_000
 BASE = 1_704_067_200_000  # 2024-01-01T00:00:00Z
+SEGMENTS = ("tier", "enrollment_channel", "home_store", "channel", "store_id")
 LEXICONS = {"friction": ("slow", "frustrante", "بطيء"), "motivation": ("rewards", "desconto")}
 COMMENTS = ["so SLOW today", "slowly but fine", "Frustrante!", "بطيء جدا", "love the rewards",
             "desconto bom", "ok", "slow, slow, slow"]
@@ -32,7 +33,8 @@ purchase = st.fixed_dictionaries(
     {"type": st.just("purchase"), "event_id": event_ids, "member_id": st.none() | members, "ts": ts,
      "amount": st.integers(0, 500).map(lambda c: c / 4)},
     optional={"points": st.integers(0, 50), "margin": st.integers(-40, 80).map(lambda c: c / 2),
-              "tier": opt_tier})
+              "tier": opt_tier, "store_id": st.sampled_from(["s1", "s2"]),
+              "channel": st.sampled_from(["web", "store"])})
 redemption = st.fixed_dictionaries(
     {"type": st.just("redemption"), "event_id": event_ids, "member_id": members, "ts": ts,
      "points": st.integers(1, 60)})
@@ -54,7 +56,7 @@ def _settings(validity_buckets: int | None) -> Settings:
                     churn_horizon_ms=8 * HOUR, settle_ms=5 * HOUR, at_risk_ms=4 * HOUR,
                     points_expiring_notice_ms=3 * HOUR,
                     points_validity_ms=None if validity_buckets is None else validity_buckets * HOUR,
-                    lexicons=LEXICONS)
+                    lexicons=LEXICONS, segments=SEGMENTS)
 
 
 def _run_core(events: list[dict], config: Settings) -> Processor:
@@ -83,7 +85,8 @@ def _compare(processor: Processor, events: list[dict], config: Settings, K: int)
         events, bucket_ms=config.bucket_ms, windows=list(config.windows),
         churn_horizon=config.churn_horizon, settle=config.settle, as_of=K,
         points_validity_ms=config.points_validity_ms, lexicons=dict(config.lexicons),
-        window_labels=config.window_labels, cohorts=0)  # cohorts (SPEC 4.3): not in the core yet
+        window_labels=config.window_labels, segments=config.segments, cohorts=config.cohorts,
+        cohort_ages=config.cohort_ages)
     ours_without_history = {k: v for k, v in ours.items() if k[0] != "churn_reduction"}
     assert set(ours_without_history) == set(expected), (
         set(ours_without_history) ^ set(expected))
@@ -115,3 +118,36 @@ def test_arrival_order_does_not_change_kpis(events, validity, seed):
     processor = _run_core(shuffled, config)
     if processor.as_of_bucket() is not None:
         _compare(processor, shuffled, config, processor.as_of_bucket())
+
+
+DAY = 24 * HOUR
+day_ts = st.integers(0, 150).flatmap(
+    lambda d: st.sampled_from([BASE + d * DAY, BASE + d * DAY + 1, BASE + (d + 1) * DAY - 1]))
+months_stream = st.lists(st.one_of(
+    st.fixed_dictionaries({"type": st.just("purchase"), "event_id": event_ids,
+                           "member_id": st.none() | members, "ts": day_ts,
+                           "amount": st.integers(0, 500).map(lambda c: c / 4)},
+                          optional={"store_id": st.sampled_from(["s1", "s2"]), "tier": opt_tier}),
+    st.fixed_dictionaries({"type": st.just("redemption"), "event_id": event_ids,
+                           "member_id": members, "ts": day_ts, "points": st.integers(1, 60)}),
+    st.fixed_dictionaries({"type": st.just("enrollment"), "event_id": event_ids,
+                           "member_id": members, "ts": day_ts},
+                          optional={"channel": st.sampled_from(["web", "app"]), "tier": opt_tier}),
+), max_size=60)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=months_stream, cohorts=st.integers(0, 6), ages=st.integers(0, 6),
+       later=st.integers(-60, 60), seed=st.randoms())
+def test_cohorts_and_segments_over_months_equal_brute_force(events, cohorts, ages, later, seed):
+    """Cohort retention over five months of daily buckets: enrollments arriving after the
+    first activity move a member between cohorts; evaluation before the latest event (later
+    < 0) clamps enrollments and activity to K's month; any arrival order."""
+    config = Settings(bucket_ms=DAY, windows_ms=(7 * DAY, 30 * DAY), churn_horizon_ms=30 * DAY,
+                      settle_ms=20 * DAY, at_risk_ms=14 * DAY, points_expiring_notice_ms=3 * DAY,
+                      lexicons=LEXICONS, segments=SEGMENTS, cohorts=cohorts, cohort_ages=ages)
+    shuffled = list(events)
+    seed.shuffle(shuffled)
+    processor = _run_core(shuffled, config)
+    if processor.as_of_bucket() is not None:
+        _compare(processor, shuffled, config, max(0, processor.as_of_bucket() + later))

@@ -184,7 +184,8 @@ def test_live_layer_is_exact_under_any_schedule(events, validity, schedule, cras
         ordered, bucket_ms=config.bucket_ms, windows=list(config.windows),
         churn_horizon=config.churn_horizon, settle=config.settle, as_of=K,
         points_validity_ms=config.points_validity_ms, lexicons=dict(config.lexicons),
-        window_labels=config.window_labels, cohorts=0)  # cohorts (SPEC 4.3): not in the core yet
+        window_labels=config.window_labels, segments=config.segments, cohorts=config.cohorts,
+        cohort_ages=config.cohort_ages)
     ours = {(r["kpi"], r["window"], tuple(sorted(r.get("labels", {}).items()))):
             (r["value"], r["numerator"], r["denominator"])
             for r in records if r["kpi"] != "churn_reduction"}
