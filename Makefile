@@ -6,7 +6,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: setup deps demo test test-unit soak bench services-up services-down lint clean
+.PHONY: setup deps demo test test-unit soak bench charts services-up services-down lint clean
 
 setup: deps $(VENV)/.installed
 
@@ -38,6 +38,16 @@ soak: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
+
+# The README's picture, docs/images/kpis.png: the main KPIs of a seeded synthetic stream replayed
+# day by day (no broker, no Prometheus); the intermediate files stay in .local/charts.
+CHARTS := .local/charts
+charts: $(VENV)/.installed
+	mkdir -p $(CHARTS) docs/images
+	$(BIN)/stream-kpis generate --seed 7 --members 3000 --days 180 -o $(CHARTS)/events.jsonl
+	$(BIN)/stream-kpis replay $(CHARTS)/events.jsonl --every 1d --output jsonl > $(CHARTS)/kpis.jsonl
+	$(BIN)/python scripts/render_charts.py --records $(CHARTS)/kpis.jsonl --dpi 60 -o $(CHARTS)
+	cp $(CHARTS)/overview.png docs/images/kpis.png
 
 services-up:
 	deploy/local/up

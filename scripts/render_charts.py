@@ -1,17 +1,28 @@
-"""Render the main loyalty KPIs, as a Prometheus recorded them, to PNG charts.
+"""Render the main loyalty KPIs, as a Prometheus recorded them or as a replay computed them, to
+PNG charts.
 
-Queries a Prometheus that scrapes the stream-kpis workers (``job="stream-kpis"``) with
-``/api/v1/query_range`` over a time range -- by default the last 30 minutes, e.g. a
-``stream-kpis demo`` run -- and writes one PNG per KPI plus ``overview.png`` (all of them on
-one page) into the output directory. The queries are the dashboard's (``kpi_selector``:
-de-duplicated across workers); absolute goals of the targets file are drawn as dashed lines.
+From Prometheus: queries a Prometheus that scrapes the stream-kpis workers
+(``job="stream-kpis"``) with ``/api/v1/query_range`` over a time range -- by default the last
+30 minutes, e.g. a ``stream-kpis demo`` run. The queries are the dashboard's (``kpi_selector``:
+de-duplicated across workers); the time axis is the wall-clock time of the scrapes.
+
+From a replay (``--records FILE``, ``-`` for standard input): KPI records as JSON Lines, e.g. the
+series ``stream-kpis replay --every 1d --output jsonl`` writes; no broker, no Prometheus. The time
+axis is the records' ``as_of`` (event time).
+
+Either way it writes one PNG per KPI plus ``overview.png`` (all of them on one page) into the
+output directory, with the absolute goals of the targets file drawn as dashed lines.
 
     .venv/bin/python scripts/render_charts.py http://127.0.0.1:9090
     .venv/bin/python scripts/render_charts.py http://127.0.0.1:9090 --since 2h -o /tmp/charts
     .venv/bin/python scripts/render_charts.py URL --start 2024-06-01T10:00:00Z --end 2024-06-01T11:00:00Z
+    .venv/bin/stream-kpis replay events.jsonl --every 1d --output jsonl > kpis.jsonl
+    .venv/bin/python scripts/render_charts.py --records kpis.jsonl --dpi 60
 
-Prints one line per chart with the number of series and points drawn; exits 1 when no chart
-got any data (wrong URL, wrong range, or Prometheus does not scrape the workers).
+``make charts`` renders the README's picture (docs/images/kpis.png) this way from a seeded
+synthetic stream. Prints one line per chart with the number of series and points drawn; exits 1
+when no chart got any data (wrong URL, wrong range, Prometheus does not scrape the workers, or
+the records hold none of the charted KPIs).
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +47,7 @@ import matplotlib.dates as mdates  # noqa: E402 (after choosing the backend)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 
-from stream_kpis.core.timebase import parse_duration  # noqa: E402
+from stream_kpis.core.timebase import parse_duration, parse_rfc3339_ms  # noqa: E402
 from stream_kpis.ops.alerts import Target, goal_text, kpi_selector, load_targets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +133,43 @@ def fetch(prometheus: Prometheus, chart: Chart, start: float, end: float, step: 
     return sorted(found, key=lambda s: s.legend)
 
 
+def series_of_records(records: Sequence[dict], chart: Chart) -> list[Series]:
+    """Every series of every line of ``chart`` in KPI records (SPEC section 6 shape), by
+    ``as_of``; records with a null value leave a gap, as a missing gauge does."""
+    found = []
+    for line in chart.lines:
+        by_labels: dict[tuple, Series] = {}
+        for record in records:
+            if record.get("kpi") != line.kpi or record.get("window") != line.window:
+                continue
+            labels = record.get("labels") or {}
+            one = by_labels.get(tuple(sorted(labels.items())))
+            if one is None:
+                one = Series(line.legend.format_map(_Missing(labels)), [], [])
+                by_labels[tuple(sorted(labels.items()))] = one
+            if record.get("value") is not None:
+                one.times.append(datetime.fromtimestamp(parse_rfc3339_ms(record["as_of"]) / 1000, UTC))
+                one.values.append(float(record["value"]))
+        found.extend(one for one in by_labels.values() if one.values)
+    return sorted(found, key=lambda s: s.legend)
+
+
+def read_records(lines: Iterable[bytes]) -> list[dict]:
+    """KPI records from JSON Lines; lines that are not KPI records are skipped."""
+    records = []
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "kpi" in record and "as_of" in record:
+            records.append(record)
+    return records
+
+
 class _Missing(dict):
     def __missing__(self, key: str) -> str:
         return "?"
@@ -135,7 +183,7 @@ def goals_of(chart: Chart, targets: Sequence[Target]) -> list[Target]:
 
 
 def draw(ax: Axes, chart: Chart, series: list[Series], goals: list[Target],
-         start: float, end: float) -> None:
+         start: datetime, end: datetime) -> None:
     for one in series:
         ax.plot(one.times, one.values, label=one.legend, linewidth=1.6)
     for goal in goals:
@@ -144,8 +192,9 @@ def draw(ax: Axes, chart: Chart, series: list[Series], goals: list[Target],
     ax.set_title(chart.title)
     ax.set_ylabel(chart.ylabel)
     ax.grid(True, alpha=0.3)
-    ax.set_xlim(datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC))
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=UTC))
+    ax.set_xlim(start, end)
+    days = (end - start).total_seconds() > 2 * 86_400
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%b %d" if days else "%H:%M:%S", tz=UTC))
     ax.tick_params(axis="x", labelrotation=30)
     if series:
         ax.legend(loc="best", fontsize="small")
@@ -154,14 +203,10 @@ def draw(ax: Axes, chart: Chart, series: list[Series], goals: list[Target],
                 color="grey", fontsize="large")
 
 
-def render(prometheus: Prometheus, output: Path, start: float, end: float,
-           targets: Sequence[Target] = ()) -> dict[str, tuple[int, int]]:
-    """Write the PNGs; returns chart name -> (series, points)."""
+def render(drawn: dict[Chart, list[Series]], output: Path, start: datetime, end: datetime,
+           title: str, targets: Sequence[Target] = (), dpi: int = 100) -> dict[str, tuple[int, int]]:
+    """Write the PNGs of ``drawn`` over [start, end]; returns chart name -> (series, points)."""
     output.mkdir(parents=True, exist_ok=True)
-    step = max(1.0, (end - start) / MAX_POINTS)
-    drawn = {chart: fetch(prometheus, chart, start, end, step) for chart in CHARTS}
-    span = (f"{datetime.fromtimestamp(start, UTC):%Y-%m-%d %H:%M:%S} .. "
-            f"{datetime.fromtimestamp(end, UTC):%H:%M:%S} UTC, wall-clock time of the scrapes")
     columns = 2
     overview, axes = plt.subplots(-(-len(CHARTS) // columns), columns,
                                   figsize=(7 * columns, 3.6 * -(-len(CHARTS) // columns)),
@@ -170,20 +215,42 @@ def render(prometheus: Prometheus, output: Path, start: float, end: float,
         draw(ax, chart, series, goals_of(chart, targets), start, end)
     for ax in list(axes.flat)[len(CHARTS):]:
         ax.set_visible(False)
-    overview.suptitle(f"Loyalty KPIs from Prometheus: {span}")
+    overview.suptitle(title)
     overview.tight_layout()
-    overview.savefig(output / "overview.png", dpi=100)
+    overview.savefig(output / "overview.png", dpi=dpi, pil_kwargs={"optimize": True})
     plt.close(overview)
     summary = {}
     for chart, series in drawn.items():
         figure, ax = plt.subplots(figsize=(8, 4.2))
         draw(ax, chart, series, goals_of(chart, targets), start, end)
-        ax.set_xlabel(span)
+        ax.set_xlabel(title.split(": ", 1)[-1])
         figure.tight_layout()
-        figure.savefig(output / f"{chart.name}.png", dpi=100)
+        figure.savefig(output / f"{chart.name}.png", dpi=dpi, pil_kwargs={"optimize": True})
         plt.close(figure)
         summary[chart.name] = (len(series), sum(len(s.values) for s in series))
     return summary
+
+
+def from_prometheus(prometheus: Prometheus, start: float, end: float
+                    ) -> tuple[dict[Chart, list[Series]], datetime, datetime, str]:
+    """The charts' series from Prometheus over [start, end] (unix seconds), the range, a title."""
+    step = max(1.0, (end - start) / MAX_POINTS)
+    drawn = {chart: fetch(prometheus, chart, start, end, step) for chart in CHARTS}
+    first, last = datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC)
+    return drawn, first, last, (f"Loyalty KPIs from Prometheus: {first:%Y-%m-%d %H:%M:%S} .. "
+                                f"{last:%H:%M:%S} UTC, wall-clock time of the scrapes")
+
+
+def from_records(records: Sequence[dict]) -> tuple[dict[Chart, list[Series]], datetime, datetime, str]:
+    """The charts' series from KPI records, their as_of range and a title."""
+    drawn = {chart: series_of_records(records, chart) for chart in CHARTS}
+    times = [t for series in drawn.values() for one in series for t in one.times]
+    if not times:
+        now = datetime.now(UTC)
+        return drawn, now, now, "Loyalty KPIs of a replay: no data"
+    first, last = min(times), max(times)
+    return drawn, first, last, (f"Loyalty KPIs of a replay: {first:%Y-%m-%d} .. {last:%Y-%m-%d}, "
+                                "as of each day (event time)")
 
 
 def _instant(text: str) -> float:
@@ -210,7 +277,9 @@ def _seconds(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("url", help="Prometheus base URL, e.g. http://127.0.0.1:9090")
+    parser.add_argument("url", nargs="?", help="Prometheus base URL, e.g. http://127.0.0.1:9090")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="KPI records (JSON Lines, '-' for stdin) instead of a Prometheus")
     parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT,
                         help=f"directory for the PNGs (default {DEFAULT_OUTPUT.relative_to(REPO)})")
     parser.add_argument("--since", type=_seconds, default=_seconds("30m"),
@@ -219,25 +288,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--end", type=_instant, help="range end (default now)")
     parser.add_argument("--targets", type=Path, default=DEFAULT_TARGETS,
                         help="targets file whose absolute goals are drawn ('' for none)")
+    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch of the PNGs")
     args = parser.parse_args(argv)
-    end = args.end if args.end is not None else time.time()
-    start = args.start if args.start is not None else end - args.since
-    if start >= end:
-        parser.error("the range is empty: --start must be before --end")
+    if (args.url is None) == (args.records is None):
+        parser.error("give a Prometheus URL or --records FILE (one of them)")
     targets = load_targets(args.targets).targets if str(args.targets) not in ("", ".") else ()
     try:
-        summary = render(Prometheus(args.url), args.output, start, end, targets)
+        if args.records is not None:
+            drawn, first, last, title = from_records(_read_records_file(args.records))
+        else:
+            end = args.end if args.end is not None else time.time()
+            start = args.start if args.start is not None else end - args.since
+            if start >= end:
+                parser.error("the range is empty: --start must be before --end")
+            drawn, first, last, title = from_prometheus(Prometheus(args.url), start, end)
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    summary = render(drawn, args.output, first, last, title, targets, args.dpi)
     for name, (series, points) in summary.items():
         print(f"{args.output / (name + '.png')}: {series} series, {points} points")
     print(f"{args.output / 'overview.png'}: all charts")
     if not any(series for series, _ in summary.values()):
         print("error: no chart got any data; check the URL, the range and that Prometheus "
-              'scrapes the workers as job="stream-kpis"', file=sys.stderr)
+              'scrapes the workers as job="stream-kpis" (or that the records hold KPIs)',
+              file=sys.stderr)
         return 1
     return 0
+
+
+def _read_records_file(path: Path) -> list[dict]:
+    if str(path) == "-":
+        return read_records(sys.stdin.buffer)
+    try:
+        with open(path, "rb") as handle:
+            return read_records(handle)
+    except OSError as error:
+        raise RuntimeError(f"cannot read {path}: {error.strerror}") from None
 
 
 if __name__ == "__main__":
