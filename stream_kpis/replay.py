@@ -339,7 +339,8 @@ def replay(sources: Iterable[Source], settings: Settings, *, every_ms: int | Non
                 next_emit += step
         process(item)
     K = processor.as_of_bucket()
-    records = [] if K is None else evaluate_kpis(settings, processor.aggs, K, processor.churn_history)
+    records = [] if K is None else evaluate_kpis(settings, processor.aggs, K, processor.churn_history,
+                                                 processor.clv_model)
     return ReplayResult(records=records, series=series, applied=processor.applied,
                         duplicates=processor.duplicates, dead_letters=dead_letters,
                         signals=signals, as_of_bucket=K)

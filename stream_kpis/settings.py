@@ -89,6 +89,7 @@ class Topics:
     kpi_engagement: str = "loyalty.kpi.engagement"
     kpi_satisfaction: str = "loyalty.kpi.satisfaction"
     kpi_cohorts: str = "loyalty.kpi.cohorts"
+    kpi_clv: str = "loyalty.kpi.clv"
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:
@@ -113,6 +114,7 @@ class Topics:
             "engagement": self.kpi_engagement,
             "satisfaction": self.kpi_satisfaction,
             "cohorts": self.kpi_cohorts,
+            "clv": self.kpi_clv,
         }
 
 
@@ -135,6 +137,10 @@ class Settings:
     segment_limit: int = 50   # per dimension, in Prometheus (KPI topics and replay carry all)
     cohorts: int = 12
     cohort_ages: int = 12
+    # predictive CLV (SPEC 4.4): on when the config has a [clv] table
+    clv: bool = False
+    clv_unit_ms: int = 7 * DAY_MS
+    clv_refit_ms: int = DAY_MS
     # input hygiene
     max_event_bytes: int = 65_536
     dedupe_per_member: int = 128
@@ -268,6 +274,23 @@ def _kpi_settings(kpis: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _clv_settings(clv: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(clv, dict):
+        raise ConfigError('[clv] must be a table, e.g. [clv] time_unit = "7d"')
+    known = {"time_unit", "refit"}
+    unknown = set(clv) - known
+    if unknown:
+        raise ConfigError(f"[clv] unknown key(s) {sorted(unknown)}; known keys: {sorted(known)}")
+    out: dict[str, Any] = {"clv": True}
+    if "time_unit" in clv:
+        out["clv_unit_ms"] = _duration("clv", "time_unit", clv["time_unit"])
+        if out["clv_unit_ms"] % DAY_MS:
+            raise ConfigError(f"[clv] time_unit must be whole days, got {clv['time_unit']!r}")
+    if "refit" in clv:
+        out["clv_refit_ms"] = _duration("clv", "refit", clv["refit"])
+    return out
+
+
 def _lexicons(feedback: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     lexicons = feedback.get("lexicons", {})
     if not isinstance(lexicons, dict):
@@ -359,6 +382,8 @@ def settings_from_toml(path: str | os.PathLike) -> dict[str, Any]:
         lexicons = _lexicons(data.get("feedback", {}))
         if lexicons:
             values["lexicons"] = lexicons
+        if "clv" in data:
+            values.update(_clv_settings(data["clv"]))
         values.update(_section_strings(data.get("kafka", {}), "kafka", {
             "broker": "broker", "security_protocol": "kafka_security_protocol",
             "sasl_mechanism": "kafka_sasl_mechanism", "username": "kafka_username",

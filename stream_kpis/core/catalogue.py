@@ -36,10 +36,11 @@ __all__ = [
 ]
 
 #: Output topic keys, in the order of SPEC section 6 (``Settings.topics.kpi_topics()`` keys).
-TOPIC_KEYS = ("active-rate", "redemption", "churn", "engagement", "satisfaction", "cohorts")
+TOPIC_KEYS = ("active-rate", "redemption", "churn", "engagement", "satisfaction", "cohorts", "clv")
 #: ratio: a share or a relative change (1 = 100 %); score: NPS, -100..100; currency: the
 #: order currency; count: members, orders, responses or comments; points: loyalty points.
-UNITS = ("count", "ratio", "points", "currency", "score")
+#: number: a model parameter or log-likelihood.
+UNITS = ("count", "ratio", "points", "currency", "score", "number")
 #: SPEC 4.2: "member" KPIs are evaluated over the members with a dimension value, "order" KPIs
 #: over the purchases with it; None: the KPI is never segmented.
 SEGMENT_KINDS = (None, "member", "order")
@@ -221,6 +222,22 @@ CATALOGUE: tuple[Kpi, ...] = (
          "Share of a cohort's members active in the month `age` months after the cohort's.",
          "members of the cohort with a purchase or redemption whose (clamped) bucket starts in "
          "month cohort + age / cohort_size"),
+    ),
+    *_group(
+        "clv",
+        ("clv_param", _ONE, ("model", "param"), "number", None,
+         "A fitted parameter of the CLV models (bgnbd: r, alpha, a, b; gamma_gamma: p, q, "
+         "gamma) or their maximised log-likelihood (param=ll).",
+         "maximum-likelihood fit over all members with a purchase (SPEC 4.4)"),
+        ("expected_active_members", _ONE, (), "count", None,
+         "Members expected to be still active (alive) by the BG/NBD model.",
+         "sum of P(alive) over members with a purchase"),
+        ("predicted_purchases", _W, (), "count", None,
+         "Purchase days the members are expected to make in the next window (BG/NBD).",
+         "sum over members of E[X(w)]"),
+        ("predicted_revenue", _W, (), "currency", None,
+         "Revenue the members are expected to bring in the next window (BG/NBD x Gamma-Gamma).",
+         "sum over members of E[X(w)] * E[M]"),
     ),
 )
 

@@ -538,11 +538,14 @@ class SufficientStats:
     whose count reaches zero is dropped, so equal memberships give equal statistics.
     """
 
-    __slots__ = ("bgnbd", "gamma_gamma")
+    __slots__ = ("bgnbd", "gamma_gamma", "m_sums")
 
     def __init__(self) -> None:
         self.bgnbd: dict[tuple[int, int, int], int] = {}
         self.gamma_gamma: dict[tuple[int, float], int] = {}
+        # per BG/NBD group, the sum of its members' m_x: E[M] is linear in m_x, so the sum over
+        # members of E[X] * E[M] needs only this beside the groups (predicted revenue)
+        self.m_sums: dict[tuple[int, int, int], float] = {}
 
     @classmethod
     def of(cls, keys: Iterable[MemberKey]) -> SufficientStats:
@@ -560,6 +563,10 @@ class SufficientStats:
         _bump(self.bgnbd, bg_key, count)
         if gg_key is not None:
             _bump(self.gamma_gamma, gg_key, count)
+        if bg_key in self.bgnbd:
+            self.m_sums[bg_key] = self.m_sums.get(bg_key, 0.0) + count * key.m_x
+        else:
+            self.m_sums.pop(bg_key, None)
 
     def remove(self, key: MemberKey, count: int = 1) -> None:
         self.add(key, -count)
@@ -570,6 +577,11 @@ class SufficientStats:
             _bump(self.bgnbd, bg_key, count)
         for gg_key, count in other.gamma_gamma.items():
             _bump(self.gamma_gamma, gg_key, count)
+        for bg_key, total in other.m_sums.items():
+            if bg_key in self.bgnbd:
+                self.m_sums[bg_key] = self.m_sums.get(bg_key, 0.0) + total
+            else:
+                self.m_sums.pop(bg_key, None)
         return self
 
     @property
@@ -587,14 +599,24 @@ class SufficientStats:
 
     def to_bytes(self) -> bytes:
         """JSON ``{"bgnbd": [[x, d0, dl, n], ...], "gamma_gamma": [[x, m_x, n], ...]}``, sorted."""
-        return orjson.dumps({"bgnbd": [[*k, n] for k, n in sorted(self.bgnbd.items())],
-                             "gamma_gamma": [[*k, n] for k, n in sorted(self.gamma_gamma.items())]})
+        return orjson.dumps(self.to_dict())
+
+    def to_dict(self) -> dict[str, list]:
+        m_sums = self.m_sums
+        return {"bgnbd": [[*k, n, m_sums.get(k, 0.0)] for k, n in sorted(self.bgnbd.items())],
+                "gamma_gamma": [[*k, n] for k, n in sorted(self.gamma_gamma.items())]}
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SufficientStats:
-        obj = orjson.loads(data)
+        return cls.from_dict(orjson.loads(data))
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, list]) -> SufficientStats:
         stats = cls()
-        stats.bgnbd = {(int(x), int(d0), int(dl)): int(n) for x, d0, dl, n in obj["bgnbd"]}
+        for x, d0, dl, n, *m_sum in obj["bgnbd"]:
+            key = (int(x), int(d0), int(dl))
+            stats.bgnbd[key] = int(n)
+            stats.m_sums[key] = float(m_sum[0]) if m_sum else 0.0
         stats.gamma_gamma = {(int(x), float(m)): int(n) for x, m, n in obj["gamma_gamma"]}
         return stats
 

@@ -116,7 +116,7 @@ class Aggregates:
     """Histograms and sums for a set of members and events (one partition, or merged)."""
 
     __slots__ = ("hists", "by_channel", "tiers", "sums", "mentions", "totals", "segments",
-                 "cohort_members", "cohort_active", "cohort_max")
+                 "cohort_members", "cohort_active", "cohort_max", "clv")
 
     def __init__(self) -> None:
         self.hists: list[dict[int, int]] = [{} for _ in range(_MEMBER_HISTS)]
@@ -133,6 +133,7 @@ class Aggregates:
         self.cohort_members: dict[int, int] = {}
         self.cohort_active: dict[int, dict[int, int]] = {}
         self.cohort_max: dict[int, dict[int, int]] = {}
+        self.clv: Any = None  # SPEC 4.4: clv.SufficientStats of the members, when CLV is on
 
     def move_member(self, old: MemberView | None, new: MemberView) -> None:
         """Move one member from its old histogram positions to the new ones."""
@@ -245,6 +246,12 @@ class Aggregates:
                                            (self.cohort_max, other.cohort_max)):
             for cohort, hist in theirs_nested.items():
                 _merge_hist(mine_nested.setdefault(cohort, {}), hist)
+        if other.clv is not None:
+            if self.clv is None:
+                from .clv import SufficientStats  # numpy and scipy: only when CLV is on
+
+                self.clv = SufficientStats()
+            self.clv.merge(other.clv)
 
     @classmethod
     def merged(cls, parts: Iterable[Aggregates]) -> Aggregates:
@@ -268,6 +275,7 @@ class Aggregates:
             "cohort_members": _pairs(self.cohort_members),
             "cohort_active": [[c, _pairs(h)] for c, h in self.cohort_active.items() if h],
             "cohort_max": [[c, _pairs(h)] for c, h in self.cohort_max.items() if h],
+            "clv": None if self.clv is None else self.clv.to_dict(),
         }
 
     @classmethod
@@ -288,6 +296,10 @@ class Aggregates:
         aggs.cohort_members = dict(raw.get("cohort_members", ()))
         aggs.cohort_active = {c: dict(p) for c, p in raw.get("cohort_active", ())}
         aggs.cohort_max = {c: dict(p) for c, p in raw.get("cohort_max", ())}
+        if raw.get("clv") is not None:
+            from .clv import SufficientStats
+
+            aggs.clv = SufficientStats.from_dict(raw["clv"])
         return aggs
 
 

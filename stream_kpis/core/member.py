@@ -64,7 +64,7 @@ class MemberState:
         "last_activity", "last_purchase", "prev_purchase", "first_purchase", "purchase_count",
         "lifetime_spend", "points_earned", "points_redeemed", "last_redemption",
         "redemption_count", "recent", "lots", "redemptions", "remaining", "unbacked",
-        "status", "notified_expiry", "home_store", "home_key", "months",
+        "status", "notified_expiry", "home_store", "home_key", "months", "purchase_days",
     )
 
     def __init__(self) -> None:
@@ -94,6 +94,7 @@ class MemberState:
         self.home_store: str = UNKNOWN              # store_id of the earliest purchase with one
         self.home_key: list | None = None           # [ts, event_id] of that purchase
         self.months: list[int] | None = None        # sorted months with activity (year*12+month-1)
+        self.purchase_days: list[list] | None = None  # with CLV: [UTC day, total amount], sorted
 
     # derived fields
     @property
@@ -217,6 +218,19 @@ class MemberState:
         for name, value in zip(cls.__slots__, values, strict=False):
             setattr(state, name, value)
         return state
+
+    def add_purchase_day(self, day: int, amount: float) -> None:
+        """Add a purchase's amount to its UTC day's total (SPEC 4.4)."""
+        days = self.purchase_days
+        if days is None:
+            self.purchase_days = [[day, amount]]
+            return
+        for entry in days:
+            if entry[0] == day:
+                entry[1] += amount
+                return
+        days.append([day, amount])
+        days.sort()
 
     def add_month(self, month: int) -> bool:
         """Remember a month with activity; whether it is new."""

@@ -46,6 +46,10 @@ _MEMBER_SUMS = ("member_revenue", "member_orders", "member_margin", "member_marg
 _GUEST_SUMS = ("guest_revenue", "guest_orders", "guest_margin", "guest_margin_orders")
 
 
+#: CLV statistics keep members' days unclamped; the fit clamps (see core/predictive.py).
+_NO_AS_OF = 10**9
+
+
 def seen_key(event: Event) -> str:
     """The de-duplication key of an event without member state (guest purchase, survey)."""
     return f"{event.type[0]}|{event.member_id or ''}|{event.event_id}"
@@ -86,6 +90,13 @@ class Processor:
         self.member_dims = tuple(d for d in settings.segments if d in MEMBER_DIMENSIONS)
         self.order_dims = tuple(d for d in settings.segments if d in ORDER_DIMENSIONS)
         self.cohorts = settings.cohorts > 0
+        self.clv_model = None
+        if settings.clv:
+            from .clv import SufficientStats  # numpy and scipy: only when CLV is on
+            from .predictive import ClvModel
+
+            self.aggs.clv = SufficientStats()
+            self.clv_model = ClvModel(settings)
 
     # ---- applying events -------------------------------------------------------------------
     def process(self, event: Event) -> str:
@@ -165,6 +176,8 @@ class Processor:
         self._event_sums(event, True)
         if self.cohorts:
             self._move_cohort(state, event, cohort_before)
+        if self.clv_model is not None and event.type == PURCHASE:
+            self._move_clv(state, event)
         if self.member_dims:
             self._move_segments(segments_before, self._segments_of(state))
         old_touch = None if old_view is None else old_view[LAST_TOUCH]
@@ -216,6 +229,16 @@ class Processor:
             aggs.add_cohort(cohort, months, 1)
         elif new_month is not None:
             aggs.add_cohort_month(cohort, new_month, before[1][-1] if before[1] else None)
+
+    def _move_clv(self, state: MemberState, event: Event) -> None:
+        """Re-group the member in the CLV statistics after a purchase (SPEC 4.4)."""
+        from .clv import DAY_MS, member_key
+
+        stats = self.aggs.clv
+        if state.purchase_days:
+            stats.remove(member_key(dict(state.purchase_days), _NO_AS_OF))
+        state.add_purchase_day(event.ts // DAY_MS, event.amount)
+        stats.add(member_key(dict(state.purchase_days), _NO_AS_OF))
 
     def _event_sums(self, event: Event, member: bool) -> None:
         bucket = event.ts // self.bucket_ms
@@ -368,7 +391,8 @@ class Processor:
         K = self.K if K is None else K
         if K is None:
             return []
-        return evaluate_kpis(self.settings, aggregates or self.aggs, K, self.churn_history)
+        return evaluate_kpis(self.settings, aggregates or self.aggs, K, self.churn_history,
+                             self.clv_model)
 
     def member_status(self, member_id: str) -> dict[str, Any] | None:
         """The read-model view of one member (SPEC section 6)."""
@@ -379,9 +403,11 @@ class Processor:
 
 
 def evaluate_kpis(settings: Settings, aggs: Aggregates, K: int,
-                  churn_history: dict[int, dict[int, tuple[int, int]]] | None = None
-                  ) -> list[dict[str, Any]]:
-    """All KPI records as of K for these settings; records K's churn snapshot in the history."""
+                  churn_history: dict[int, dict[int, tuple[int, int]]] | None = None,
+                  clv_model: Any = None) -> list[dict[str, Any]]:
+    """All KPI records as of K for these settings; records K's churn snapshot in the history.
+    With CLV on, ``clv_model`` (a :class:`~stream_kpis.core.predictive.ClvModel`) gives the
+    SPEC 4.4 records and keeps its fit between evaluations."""
     if churn_history is not None:
         churn_history[K] = churn_snapshot(aggs, K, settings.windows, settings.churn_horizon)
     matcher_keys = [f"{lexicon}\t{term}" for lexicon, terms in settings.lexicons.items()
@@ -392,6 +418,8 @@ def evaluate_kpis(settings: Settings, aggs: Aggregates, K: int,
     records = evaluate(aggs, K, mention_keys=matcher_keys, churn_history=churn_history, **options)
     records += _segment_records(settings, aggs, K, options)
     records += cohort_records(aggs, K, settings.bucket_ms, settings.cohorts, settings.cohort_ages)
+    if settings.clv and clv_model is not None:
+        records += clv_model.records(aggs.clv, K)
     return records
 
 
@@ -508,6 +536,10 @@ class PartitionStore:
             processor._move_segments(None, processor._segments_of(state))
         if processor.cohorts:
             aggs.add_cohort(*processor._cohort_of(state), 1)
+        if processor.clv_model is not None and state.purchase_days:
+            from .clv import member_key
+
+            aggs.clv.add(member_key(dict(state.purchase_days), _NO_AS_OF))
         processor.touch_index.setdefault(view[LAST_TOUCH], set()).add(member_id)
         touch = state.last_touch
         if processor.max_ts is None or touch > processor.max_ts:

@@ -49,6 +49,11 @@ class Exporter:
         self.churn_history: dict[int, dict[int, tuple[int, int]]] = {}
         self.version = 0
         self.last_state: tuple[int, int] | None = None
+        self.clv_model = None
+        if settings.clv:
+            from ..core.predictive import ClvModel
+
+            self.clv_model = ClvModel(settings)
 
     def take(self, key: bytes | None, value: bytes | None) -> None:
         """One record of the partials topic."""
@@ -86,7 +91,7 @@ class Exporter:
             return []
         self.last_state = state
         merged = Aggregates.merged(aggs for _, aggs in self._partials())
-        return evaluate_kpis(self.settings, merged, K, self.churn_history)
+        return evaluate_kpis(self.settings, merged, K, self.churn_history, self.clv_model)
 
     def history_record(self) -> bytes:
         recent = sorted(self.churn_history.items())[-_HISTORY_KEEP:]
