@@ -286,8 +286,9 @@ def _clv_settings(clv: Mapping[str, Any]) -> dict[str, Any]:
         out["clv_unit_ms"] = _duration("clv", "time_unit", clv["time_unit"])
         if out["clv_unit_ms"] % DAY_MS:
             raise ConfigError(f"[clv] time_unit must be whole days, got {clv['time_unit']!r}")
-    if "refit" in clv:
-        out["clv_refit_ms"] = _duration("clv", "refit", clv["refit"])
+    if "refit" in clv:  # "0s" (or 0): refit at every evaluation
+        refit = clv["refit"]
+        out["clv_refit_ms"] = 0 if refit in (0, "0", "0s") else _duration("clv", "refit", refit)
     return out
 
 

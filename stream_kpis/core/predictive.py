@@ -33,7 +33,7 @@ class ClvModel:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.unit_days = settings.clv_unit_ms / DAY_MS
-        self.refit_buckets = max(1, settings.clv_refit_ms // settings.bucket_ms)
+        self.refit_buckets = settings.clv_refit_ms // settings.bucket_ms  # 0: at every evaluation
         self.fit: ClvFit | None = None
         self.fit_K: int | None = None
         self.fits = 0

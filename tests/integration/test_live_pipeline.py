@@ -166,3 +166,42 @@ def test_two_workers_give_the_same_kpis_as_one(tmp_path, kafka_bootstrap, stream
         assert all(a > 0 for a in applied), f"both workers own partitions: {applied}"
     finally:
         stack.stop()
+
+
+def test_live_segments_cohorts_and_clv_equal_replay(tmp_path, kafka_bootstrap, stream_file):
+    """With every segment dimension, cohorts and CLV on (a TOML config, as a user would set
+    them), two workers publish what replay gives: the segment values and cohorts merge across
+    partitions, and the exporter's CLV fit on the merged statistics equals replay's fit on one
+    processor (to the optimiser's tolerance, 1e-6 relative)."""
+    config = tmp_path / "kpis.toml"
+    config.write_text('[kpis]\nsegments = ["tier", "enrollment_channel", "home_store", "channel",'
+                      ' "store_id"]\ncohorts = 6\ncohort_ages = 4\n\n[clv]\ntime_unit = "7d"\n'
+                      'refit = "0s"\n', encoding="utf-8")
+    stack = LiveStack(tmp_path, kafka_bootstrap, extra_env={"STREAM_KPIS_CONFIG": str(config)})
+    try:
+        assert stack.settings.segments and stack.settings.clv
+        workers = [stack.start_worker(), stack.start_worker()]
+        stack.wait_assigned(workers)
+        stack.produce([stream_file])
+        expected = expected_kpis(stream_file, stack.settings)
+        kinds = {r["kpi"] for r in expected}
+        assert {"cohort_retention", "clv_param", "predicted_revenue"} <= kinds
+        assert any("store_id" in r.get("labels", {}) for r in expected)
+        latest = stack.wait_for_kpis(expected, equal=_equal_to_fit_tolerance)
+        for record in expected:
+            key = (record["kpi"], record["window"], tuple(sorted(record.get("labels", {}).items())))
+            assert _equal_to_fit_tolerance(latest[key], record), (latest[key], record)
+    finally:
+        stack.stop()
+
+
+CLV_KPIS = ("clv_param", "expected_active_members", "predicted_purchases", "predicted_revenue")
+
+
+def _equal_to_fit_tolerance(got: dict, want: dict) -> bool:
+    """Exact for every KPI but the fitted ones, which match to 1e-6 relative."""
+    if want["kpi"] not in CLV_KPIS:
+        return records_equal(got, want)
+    if got["as_of"] != want["as_of"] or (got["value"] is None) != (want["value"] is None):
+        return False
+    return want["value"] is None or got["value"] == pytest.approx(want["value"], rel=1e-6)
