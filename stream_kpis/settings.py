@@ -176,6 +176,8 @@ class Settings:
             raise ConfigError("[kpis] windows is empty: list at least one window, e.g. [\"30d\"]")
         for window in self.windows_ms:
             self._whole_buckets("windows", window)
+        # a dimension named twice is reported once (as from TOML), never counted twice
+        object.__setattr__(self, "segments", tuple(dict.fromkeys(self.segments)))
         unknown = [d for d in self.segments if d not in SEGMENT_DIMENSIONS]
         if unknown:
             raise ConfigError(f"[kpis] segments: unknown dimension(s) {unknown}; choose from "

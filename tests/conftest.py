@@ -83,9 +83,16 @@ Result = dict[tuple[str, str | None, tuple[tuple[str, str], ...]], tuple[Any, An
 def build_settings(*, bucket_ms: int = HOUR_MS, windows: Iterable[int] = (3,), h: int = 4,
                    s: int = 4, at_risk: int | None = None, notice: int | None = None,
                    validity_ms: int | None = None,
-                   lexicons: Mapping[str, Iterable[str]] | None = None) -> Settings:
-    """Settings whose durations are given in buckets (validity in ms, as the oracle takes it)."""
+                   lexicons: Mapping[str, Iterable[str]] | None = None,
+                   segments: Iterable[str] = (), cohorts: int | None = None,
+                   cohort_ages: int | None = None) -> Settings:
+    """Settings whose durations are given in buckets (validity in ms, as the oracle takes it);
+    ``segments``, ``cohorts`` and ``cohort_ages`` as in ``[kpis]`` (None: the default)."""
     extra: dict[str, Any] = {}
+    if cohorts is not None:
+        extra["cohorts"] = cohorts
+    if cohort_ages is not None:
+        extra["cohort_ages"] = cohort_ages
     if at_risk is not None:
         extra["at_risk_ms"] = at_risk * bucket_ms
     if notice is not None:
@@ -97,6 +104,7 @@ def build_settings(*, bucket_ms: int = HOUR_MS, windows: Iterable[int] = (3,), h
         settle_ms=s * bucket_ms,
         points_validity_ms=validity_ms,
         lexicons={name: tuple(terms) for name, terms in (lexicons or {}).items()},
+        segments=tuple(segments),
         **extra,
     )
 

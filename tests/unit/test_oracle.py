@@ -8,8 +8,8 @@ Every expected number below is worked out by hand in the comments from SPEC.md
 sections 1-4.3 and CONTRACT.md, never copied from the oracle's output. Buckets are
 1 h wide; ``at(k)`` is the start of bucket k. Window [a, b] means buckets a..b.
 
-The segment (SPEC 4.2) and cohort (SPEC 4.3) examples at the end call the oracle only: the
-test settings of the core (conftest.build_settings) take no segments or cohorts.
+The segment (SPEC 4.2) and cohort (SPEC 4.3) examples at the end run on both too, with the
+same ``segments``, ``cohorts`` and ``cohort_ages`` on each side.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from datetime import datetime
 import pytest
 from pytest import approx
 
+from stream_kpis.exceptions import ConfigError
 from tests.conftest import B, enrollment, purchase, redemption, survey
 from tests.oracle import brute_force_kpis, mentions
 
@@ -39,9 +40,8 @@ def run_oracle(
     cohorts=0,
     cohort_ages=12,
 ):
-    """The oracle with the examples' defaults. Cohorts are off unless asked for (``cohorts=0``):
-    the section 4-4.1 examples also run on the core, whose test settings (conftest.build_settings)
-    have no segments or cohorts; the 4.2 and 4.3 examples below run on the oracle only."""
+    """The oracle with the examples' defaults. Cohorts are off unless asked for (``cohorts=0``),
+    on the core too (see ``run``), so that the section 4-4.1 examples see only their own KPIs."""
     return brute_force_kpis(
         list(events),
         bucket_ms=B,
@@ -66,12 +66,15 @@ def run(request, make_processor, result_of):
     and evaluates as of the same bucket. Its window labels (Settings.window_labels, "3h") are
     mapped back to the examples' labels ("3b" unless ``labels`` names them), and
     churn_reduction, which depends on the evaluation history, is left to tests/unit/test_core.py.
+    ``segments``, ``cohorts`` (0: off, as in ``run_oracle``) and ``cohort_ages`` go to both sides.
     """
     if request.param == "oracle":
         return run_oracle
 
-    def run_core(events, *, as_of, windows=(3,), h=4, s=4, validity=None, lexicons=None, labels=None):
-        processor = make_processor(events, windows=windows, h=h, s=s, validity_ms=validity, lexicons=lexicons)
+    def run_core(events, *, as_of, windows=(3,), h=4, s=4, validity=None, lexicons=None, labels=None,
+                 segments=(), cohorts=0, cohort_ages=12):
+        processor = make_processor(events, windows=windows, h=h, s=s, validity_ms=validity, lexicons=lexicons,
+                                   segments=segments, cohorts=cohorts, cohort_ages=cohort_ages)
         labels = labels or {}
         rename = {
             core_label: labels.get(w, f"{w}b") for w, core_label in processor.settings.window_labels.items()
@@ -594,14 +597,20 @@ def test_zero_denominators_are_null(run):
 def test_every_kpi_for_every_window_with_labels(run):
     events = rates_events() + [survey("s-kpi", None, 9, nps=9, comment="slow")]
     r = run(
-        events, as_of=10, windows=(3, 24), h=3, lexicons={"friction": ["slow"]}, labels={3: "3h", 24: "1d"}
+        events, as_of=10, windows=(3, 24), h=3, lexicons={"friction": ["slow"]}, labels={3: "3h", 24: "1d"},
+        cohorts=12,
     )
     all_kpis = RATIO_KPIS | COUNT_KPIS | LABELLED_KPIS
-    expected = {(name, None) for name in NON_WINDOWED}
+    # everybody enrolled in 1970-01 (bucket 0 is the epoch), the month of K: one cohort, age 0
+    expected = {("cohort_size", None), ("cohort_retention", None)}
+    expected |= {(name, None) for name in NON_WINDOWED}
     expected |= {(name, "3h") for name in all_kpis - NON_WINDOWED}
     expected |= {(name, "1d") for name in all_kpis - NON_WINDOWED - CHURN_WINDOWED}
     assert {(name, window) for name, window, _ in r} == expected
     assert not any(isinstance(v, float) and math.isnan(v) for value in r.values() for v in value)
+    # ann, ben and cat (not dan, who only answered a survey) all bought or redeemed in 1970-01
+    assert kpi(r, "cohort_size", cohort="1970-01") == (3, None, None)
+    assert kpi(r, "cohort_retention", cohort="1970-01", age="0") == (1.0, 3, 3)
     # channels of the known members: ann web, ben store, cat unknown
     assert {labels for name, window, labels in r if name == "new_members" and window == "1d"} == {
         (("channel", "web"),),
@@ -610,7 +619,7 @@ def test_every_kpi_for_every_window_with_labels(run):
     }
 
 
-# --- segments (SPEC 4.2) and cohorts (SPEC 4.3): oracle only -------------------------------
+# --- segments (SPEC 4.2) and cohorts (SPEC 4.3) -------------------------------------------
 
 MEMBER_KPIS_NON_WINDOWED = {
     "members",
@@ -690,8 +699,8 @@ def tier_events():
     ]
 
 
-def test_segments_by_tier_every_member_kpi():
-    r = run_oracle(tier_events(), as_of=10, windows=(3,), h=4, s=4, segments=["tier"])
+def test_segments_by_tier_every_member_kpi(run):
+    r = run(tier_events(), as_of=10, windows=(3,), h=4, s=4, segments=["tier"])
     # bronze (t1's old tier) and diamond (a guest's) are nobody's current tier
     assert segment_values(r, "tier") == {"gold", "silver", "unknown"}
     # gold = t1, t2. active in [8, 10]: t1 (9), t2 (9); redeemer t2 (9). churn: nobody's
@@ -749,7 +758,7 @@ def test_segments_by_tier_every_member_kpi():
     }
 
     # Without t3's silver purchase, t3 stays gold (enrolled b2, no activity: last_touch 2).
-    r = run_oracle(
+    r = run(
         [e for e in tier_events() if e["event_id"] != "p-st3"], as_of=10, windows=(3,), segments=["tier"]
     )
     assert segment_values(r, "tier") == {"gold", "unknown"}
@@ -758,15 +767,15 @@ def test_segments_by_tier_every_member_kpi():
     assert kpi(r, "active_rate", "3b", tier="gold") == approx((2 / 3, 2, 3))
 
 
-def test_segments_points_liability_with_validity():
+def test_segments_points_liability_with_validity(run):
     # validity_events with V = 3 buckets as of 6 (worked out in
     # test_points_validity_unbacked_and_bucket_edge_expiry): liability 7, v1 and v2 have no tier.
-    r = run_oracle(validity_events(), as_of=6, windows=(2,), validity=3 * B, segments=["tier"])
+    r = run(validity_events(), as_of=6, windows=(2,), validity=3 * B, segments=["tier"])
     assert segment_values(r, "tier") == {"unknown"}
     assert kpi(r, "points_liability", tier="unknown") == (7, None, None)
 
 
-def test_segments_by_enrollment_channel_explicit_vs_implicit():
+def test_segments_by_enrollment_channel_explicit_vs_implicit(run):
     # K = 10, 3b = [8, 10], h = 4: churned = last_touch <= 6, churn window [4, 6]
     # c1: enrolled b0 via web, bought b9                         -> web;     last_touch 9
     # c2: implicit, bought b4                                    -> unknown; last_touch 4
@@ -782,7 +791,7 @@ def test_segments_by_enrollment_channel_explicit_vs_implicit():
         enrollment("e-sc4", "c4", 6, "app"),
         enrollment("e-sc5", "c5", 7, "app"),
     ]
-    r = run_oracle(events, as_of=10, windows=(3,), h=4, segments=["enrollment_channel"])
+    r = run(events, as_of=10, windows=(3,), h=4, segments=["enrollment_channel"])
     assert segment_values(r, "enrollment_channel") == {"web", "unknown", "app"}
     # members and active (last_activity in [8, 10]: only c1)
     assert kpi(r, "members", enrollment_channel="web") == (1, None, None)
@@ -802,7 +811,7 @@ def test_segments_by_enrollment_channel_explicit_vs_implicit():
     assert kpi(r, "churn_rate", "3b", enrollment_channel="app") == (0.5, 1, 2)
 
     # Before c4's enrollment arrives, c4 is implicit: unknown, enrolled_at 1, last_touch 1.
-    r = run_oracle(
+    r = run(
         [e for e in events if e["event_id"] != "e-sc4"],
         as_of=10,
         windows=(3,),
@@ -815,7 +824,7 @@ def test_segments_by_enrollment_channel_explicit_vs_implicit():
     assert kpi(r, "churn_rate", "3b", enrollment_channel="app") == (0.0, 0, 1)  # c5 (7) only
 
 
-def test_segments_by_home_store_earliest_purchase_that_carries_one():
+def test_segments_by_home_store_earliest_purchase_that_carries_one(run):
     # K = 10, 5b = [6, 10]
     # h1: bought b5 at s2 (50.0), then an older purchase at b3 at s1 (10.0) arrives -> s1; last 5
     # h2: bought b4 without a store (20.0), then b6 at s2 (20.0): the earliest purchase that
@@ -841,7 +850,7 @@ def test_segments_by_home_store_earliest_purchase_that_carries_one():
         bought("p-sh5b", "h5", 9, 3.0, ""),
         bought("g-sh", None, 9, 80.0, "s9"),
     ]
-    r = run_oracle(events, as_of=10, windows=(5,), segments=["home_store"])
+    r = run(events, as_of=10, windows=(5,), segments=["home_store"])
     assert segment_values(r, "home_store") == {"s1", "s2", "s3", "unknown"}
     expected = {
         # store: (members, active in [6, 10], avg_lifetime_spend)
@@ -858,7 +867,7 @@ def test_segments_by_home_store_earliest_purchase_that_carries_one():
     assert kpi(r, "repeat_purchase_rate", "5b", home_store="unknown") == (1.0, 1, 1)  # h5: 9 and 8
 
 
-def test_segments_by_order_channel():
+def test_segments_by_order_channel(run):
     # K = 10, 3b = [8, 10], 10b = [1, 10]
     #       who     bucket amount channel        margin
     # m1    member  9      100.0  web            30
@@ -880,7 +889,7 @@ def test_segments_by_order_channel():
         bought("g-so3", None, 2, 70.0, "app"),
         enrollment("e-so4", "m4", 9, "kiosk"),
     ]
-    r = run_oracle(events, as_of=10, windows=(3, 10), segments=["channel"])
+    r = run(events, as_of=10, windows=(3, 10), segments=["channel"])
     assert segment_values(r, "channel") == {"web", "store", "unknown", "app"}
     # web: member 100 / 1; guest 60 / 2 = 30; lift 100 / 30 - 1; share 100 / 160;
     # margins member 30 / 1, guest 5 / 1 (g2 has none); margin lift 30 / 5 - 1 = 5
@@ -931,7 +940,7 @@ def test_segments_by_order_channel():
     assert kpi(r, "new_members", "3b", channel="kiosk") == (1, None, None)
 
 
-def test_segments_by_order_store_id():
+def test_segments_by_order_store_id(run):
     # K = 10, 3b = [8, 10]
     # member b9 30.0 at s1; member b9 10.0 at s2; guest b9 20.0 at s1; guest b8 5.0 without a store;
     # member at b12 8.0 at s3: after K, counts as K (in 3b); guest b1 4.0 at s0: outside every window
@@ -946,7 +955,7 @@ def test_segments_by_order_store_id():
         bought("p-ss3", "n3", 12, 8.0, "s3"),
         bought("g-ss3", None, 1, 4.0, "s0"),
     ]
-    r = run_oracle(events, as_of=10, windows=(3,), segments=["store_id"])
+    r = run(events, as_of=10, windows=(3,), segments=["store_id"])
     assert segment_values(r, "store_id") == {"s0", "s1", "s2", "s3", "unknown"}
     # s1: 30 / 1 vs 20 / 1 -> lift 0.5, share 30 / 50
     assert kpi(r, "aov_member", "3b", store_id="s1") == (30.0, 30.0, 1)
@@ -974,7 +983,7 @@ def test_segments_by_order_store_id():
     }
 
 
-def test_segments_every_kpi_of_each_kind_and_nothing_else():
+def test_segments_every_kpi_of_each_kind_and_nothing_else(run):
     # k1: enrolled b0 via web as gold, bought b9 via app at s1 -> tier gold, enrollment_channel web,
     #     home_store s1. A guest bought b9 via web without a store.
     # -> member values: tier gold, enrollment_channel web, home_store s1;
@@ -985,7 +994,7 @@ def test_segments_every_kpi_of_each_kind_and_nothing_else():
         with_fields(purchase("g-sk", None, 9), channel="web"),
     ]
     params = {"as_of": 10, "windows": (3, 6), "h": 4}
-    r = run_oracle(
+    r = run(
         events, segments=["tier", "enrollment_channel", "home_store", "channel", "store_id", "tier"], **params
     )
     member_keys = {(name, None) for name in MEMBER_KPIS_NON_WINDOWED}
@@ -1002,7 +1011,7 @@ def test_segments_every_kpi_of_each_kind_and_nothing_else():
         for dim, v in (("channel", "app"), ("channel", "web"), ("store_id", "s1"), ("store_id", "unknown"))
         for name, w in order_keys
     }
-    plain = run_oracle(events, **params)
+    plain = run(events, **params)
     assert set(r) - set(plain) == expected
     assert {key: r[key] for key in plain} == plain  # the unsegmented records are untouched
     # k1 is every member value's only member, so its KPIs equal the unsegmented ones
@@ -1010,12 +1019,12 @@ def test_segments_every_kpi_of_each_kind_and_nothing_else():
         assert {(name, w): r[(name, w, ((dim, v),))] for name, w in member_keys} == {
             (name, w): plain[(name, w, ())] for name, w in member_keys
         }
-    assert run_oracle(events, segments=[], **params) == plain
-    with pytest.raises(ValueError, match="region"):
-        run_oracle(events, segments=["region"], **params)
+    assert run(events, segments=[], **params) == plain
+    with pytest.raises((ValueError, ConfigError), match="region"):  # oracle, core (Settings)
+        run(events, segments=["region"], **params)
 
 
-def test_cohort_retention():
+def test_cohort_retention(run):
     # K = 2024-03-10 12h, month(K) = 2024-03; cohorts = 5 -> months 2023-11 .. 2024-03;
     # cohort_ages = 3 -> ages 0, 1, 2 while cohort + age <= 2024-03.
     #   g   enrolled 2023-10-01: a cohort older than the last 5 -> no records
@@ -1052,7 +1061,7 @@ def test_cohort_retention():
         enrollment("e-ci", "i", hour("2024-04-01T00")),
         purchase("g-c", None, hour("2024-02-15T00")),
     ]
-    r = run_oracle(events, as_of=hour("2024-03-10T12"), windows=(3,), cohorts=5, cohort_ages=3)
+    r = run(events, as_of=hour("2024-03-10T12"), windows=(3,), cohorts=5, cohort_ages=3)
     cohort_records = {key: value for key, value in r.items() if key[0].startswith("cohort")}
 
     def size(cohort, n):
@@ -1083,10 +1092,10 @@ def test_cohort_retention():
         ]
     )
     assert kpi(r, "members") == (9, None, None)  # g to i, all counted
-    assert not any(key[0].startswith("cohort") for key in run_oracle(events, as_of=hour("2024-03-10T12")))
+    assert not any(key[0].startswith("cohort") for key in run(events, as_of=hour("2024-03-10T12")))
 
 
-def test_cohort_defaults_are_the_last_12_months_and_12_ages():
+def test_cohort_defaults_are_the_last_12_months_and_12_ages(run):
     # K = 2024-03-10 12h: the last 12 cohorts are 2023-04 .. 2024-03.
     # o1 enrolled 2023-03-31 23h: the 13th month back -> no records.
     # o2 enrolled 2023-04-01 00h, bought 2023-04-02 (age 0) and 2024-03-10 (age 11 = month(K)).

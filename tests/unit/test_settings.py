@@ -296,6 +296,14 @@ def test_settings_object_is_frozen_and_checked():
         settings.with_overrides(windows_ms=(HOUR_MS + 1,))
 
 
+def test_segments_given_in_code_are_checked_and_named_once():
+    """As from TOML: a dimension listed twice would otherwise be counted twice by the core."""
+    assert Settings(segments=("tier", "store_id", "tier")).segments == ("tier", "store_id")
+    assert Settings(segments=["channel"]).segments == ("channel",)
+    with pytest.raises(ConfigError, match="region"):
+        Settings(segments=("region",))
+
+
 def test_topics_with_prefix_and_inputs():
     topics = Topics.with_prefix("shop.")
     assert topics.inputs() == {"purchase": "shop.purchases", "redemption": "shop.redemptions",
