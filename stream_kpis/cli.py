@@ -1,13 +1,17 @@
 """The ``stream-kpis`` command line.
 
-Commands: ``replay`` (files through the core), ``generate`` (synthetic events), ``demo`` (the live
-pipeline on a local broker), ``worker``, ``topics create``, ``produce``, ``tail``, ``alerts render``.
+Commands: ``replay`` (files through the core), ``cohorts`` (the retention triangle of a replay),
+``generate`` (synthetic events), ``demo`` (the live pipeline on a local broker), ``worker``,
+``topics create``, ``produce``, ``tail``, ``alerts render``, ``dashboard render``.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ from .core.timebase import parse_duration
 from .exceptions import StreamKpisError
 from .settings import load_settings
 
-__all__ = ["main", "cli"]
+__all__ = ["main", "cli", "CohortRow", "cohort_csv", "cohort_triangle"]
 
 
 class _Duration(click.ParamType):
@@ -111,8 +115,6 @@ def replay(files: tuple[Path, ...], config_path: Path | None, output: str, every
     "-" reads JSON Lines from standard input. Mapped CSV exports are listed in the config's
     [[replay.sources]].
     """
-    from .replay import replay as run_replay
-
     settings = load_settings(config_path)
     sources = _sources(files, config_path)
     out = sys.stdout.buffer
@@ -138,24 +140,11 @@ def replay(files: tuple[Path, ...], config_path: Path | None, output: str, every
         if output == "jsonl":
             out.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
 
-    total = sum(s.path.stat().st_size for s in sources if not s.is_stdin and s.path.exists())
-    reads_stdin = any(s.is_stdin for s in sources)  # of unknown size: no default progress bar
-    show_progress = sys.stderr.isatty() and not reads_stdin if progress is None else progress
     try:
-        if show_progress:
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TransferSpeedColumn
-
-            with Progress("[progress.description]{task.description}", BarColumn(),
-                          "[progress.percentage]{task.percentage:>3.0f}%", TransferSpeedColumn(),
-                          console=Console(stderr=True), transient=True) as bar:
-                task = bar.add_task("replay", total=total)
-                result = run_replay(sources, settings, every_ms=every, on_dead_letter=on_dead_letter,
-                                    on_signal=on_signal if signal_file else None, on_series=on_series,
-                                    on_bytes=lambda n: bar.update(task, advance=0, completed=n))
-        else:
-            result = run_replay(sources, settings, every_ms=every, on_dead_letter=on_dead_letter,
-                                on_signal=on_signal if signal_file else None, on_series=on_series)
+        result = _replay_with_progress(sources, settings, progress, every_ms=every,
+                                       on_dead_letter=on_dead_letter,
+                                       on_signal=on_signal if signal_file else None,
+                                       on_series=on_series)
     finally:
         for handle in closers:
             handle.close()
@@ -163,16 +152,150 @@ def replay(files: tuple[Path, ...], config_path: Path | None, output: str, every
         out.write(b"".join(orjson.dumps(r) + b"\n" for r in result.records))
         out.flush()
     else:
-        from .core.timebase import as_of_time
+        print_kpi_table(result.records, f"KPIs as of {_as_of_text(result, settings)}")
+    _echo_summary(result)
 
-        as_of = "no events" if result.as_of_bucket is None else as_of_time(result.as_of_bucket,
-                                                                           settings.bucket_ms)
-        print_kpi_table(result.records, f"KPIs as of {as_of}")
+
+def _replay_with_progress(sources: list, settings: Any, progress: bool | None, **options: Any):
+    """``replay.replay`` with a progress bar on stderr (by default when stderr is a terminal
+    and no source is standard input, whose size is unknown)."""
+    from .replay import replay as run_replay
+
+    total = sum(s.path.stat().st_size for s in sources if not s.is_stdin and s.path.exists())
+    reads_stdin = any(s.is_stdin for s in sources)
+    show_progress = sys.stderr.isatty() and not reads_stdin if progress is None else progress
+    if not show_progress:
+        return run_replay(sources, settings, **options)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  "[progress.percentage]{task.percentage:>3.0f}%", TransferSpeedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("replay", total=total)
+        return run_replay(sources, settings, **options,
+                          on_bytes=lambda n: bar.update(task, advance=0, completed=n))
+
+
+def _as_of_text(result: Any, settings: Any) -> str:
+    from .core.timebase import as_of_time
+
+    if result.as_of_bucket is None:
+        return "no events"
+    return as_of_time(result.as_of_bucket, settings.bucket_ms)
+
+
+def _echo_summary(result: Any) -> None:
+    """The replay's counts, on stderr."""
     bad = sum(result.dead_letters.values())
     reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(result.dead_letters.items()))
     click.echo(f"applied {result.applied} events, {result.duplicates} duplicates, "
                f"{bad} dead letters{f' ({reasons})' if bad else ''}, {result.signals} member signals",
                err=True)
+
+
+@dataclass(frozen=True)
+class CohortRow:
+    """One row of the retention triangle: an enrollment month, its members, and per age
+    0, 1, ... the ``cohort_retention`` value (None where the ratio is null)."""
+
+    cohort: str
+    members: int
+    retention: tuple[float | None, ...]
+
+
+def cohort_triangle(records: Iterable[dict[str, Any]]) -> list[CohortRow]:
+    """The ``cohort_size`` and ``cohort_retention`` records (SPEC 4.3) as triangle rows, oldest
+    cohort first; a row has one cell per age the core reported for it."""
+    sizes: dict[str, int] = {}
+    cells: dict[str, dict[int, float | None]] = {}
+    for record in records:
+        labels = record.get("labels") or {}
+        if record["kpi"] == "cohort_size":
+            sizes[labels["cohort"]] = record["value"]
+        elif record["kpi"] == "cohort_retention":
+            cells.setdefault(labels["cohort"], {})[int(labels["age"])] = record["value"]
+    rows = []
+    for cohort in sorted(sizes):
+        ages = cells.get(cohort, {})
+        rows.append(CohortRow(cohort, sizes[cohort], tuple(ages.get(a) for a in range(len(ages)))))
+    return rows
+
+
+def _percent(value: float | None, decimals: int) -> str:
+    return "" if value is None else f"{100 * value:.{decimals}f}"
+
+
+def print_cohort_table(rows: Sequence[CohortRow], title: str, console: Any = None) -> None:
+    """The triangle as a table: retention in % of the cohort, one column per age."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
+    console.print(f"[bold]{title}[/bold]")
+    ages = max((len(row.retention) for row in rows), default=0)
+    table = Table()
+    table.add_column("cohort")
+    table.add_column("members", justify="right")
+    for age in range(ages):
+        table.add_column(f"age {age}", justify="right")
+    for row in rows:
+        cells = [_percent(value, 1) + ("%" if value is not None else "") for value in row.retention]
+        table.add_row(row.cohort, f"{row.members:,}", *cells, *[""] * (ages - len(cells)))
+    console.print(table)
+
+
+def cohort_csv(rows: Sequence[CohortRow]) -> str:
+    """The triangle as CSV: ``cohort,members,age_0,age_1,...``; retention in % of the cohort
+    (2 decimals), empty for an age the cohort has not reached."""
+    ages = max((len(row.retention) for row in rows), default=0)
+    text = io.StringIO()
+    out = csv.writer(text, lineterminator="\n")
+    out.writerow(["cohort", "members", *(f"age_{age}" for age in range(ages))])
+    for row in rows:
+        cells = [_percent(value, 2) for value in row.retention]
+        out.writerow([row.cohort, row.members, *cells, *[""] * (ages - len(cells))])
+    return text.getvalue()
+
+
+@cli.command()
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML with [kpis] settings (cohorts, cohort_ages) and [[replay.sources]].")
+@click.option("--output", type=click.Choice(["table", "csv"]), default="table", show_default=True,
+              help="table: readable; csv: one row per cohort on stdout.")
+@click.option("--cohorts", "cohorts", type=click.IntRange(min=1), default=None,
+              help="Enrollment months to show, up to the month of the last event "
+                   "(default: [kpis] cohorts, 12).")
+@click.option("--ages", type=click.IntRange(min=1), default=None,
+              help="Months after enrollment to show (default: [kpis] cohort_ages, 12).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: when stderr is a terminal).")
+def cohorts(files: tuple[Path, ...], config_path: Path | None, output: str, cohorts: int | None,
+            ages: int | None, progress: bool | None) -> None:
+    """Replay event files and print the cohort retention triangle as of the last event.
+
+    Rows are enrollment months (cohorts), columns the months after enrollment (age 0 is the
+    month of enrollment); a cell is the share of the cohort's members with a purchase or
+    redemption in that month (SPEC 4.3). FILES and --config as for ``replay``.
+    """
+    overrides: dict[str, Any] = {"segments": ()}  # the triangle needs no segment
+    if cohorts is not None:
+        overrides["cohorts"] = cohorts
+    if ages is not None:
+        overrides["cohort_ages"] = ages
+    settings = load_settings(config_path).with_overrides(**overrides)
+    if settings.cohorts == 0 or settings.cohort_ages == 0:
+        raise click.UsageError("cohort retention is off ([kpis] cohorts or cohort_ages = 0): "
+                               "pass --cohorts N --ages N")
+    result = _replay_with_progress(_sources(files, config_path), settings, progress)
+    rows = cohort_triangle(result.records)
+    if output == "csv":
+        click.echo(cohort_csv(rows), nl=False)
+    else:
+        print_cohort_table(rows, f"Cohort retention as of {_as_of_text(result, settings)}: % of "
+                                 "each enrollment month's members active in month +age")
+    _echo_summary(result)
 
 
 @cli.command()
