@@ -173,7 +173,8 @@ class ExporterConsumer:
             await self.producer.stop()
 
     async def _emit(self, exporter: Exporter) -> None:
-        records = exporter.evaluate()
+        # merging, segments and the CLV fit take a while: off the loop the ingest shares
+        records = await asyncio.to_thread(exporter.evaluate)
         self.last_emit = time.monotonic()
         if not records:
             return
