@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from ..core.catalogue import KPIS, MEMBER_DIMENSIONS, ORDER_DIMENSIONS
 from ..core.timebase import parse_duration
 from ..exceptions import ConfigError
 from .targets import (
@@ -57,6 +58,7 @@ __all__ = [
     "render_rules",
     "render_to_yaml",
     "rule_queries",
+    "segment_matchers",
 ]
 
 #: Prometheus job label of the workers (CONTRACT: job="stream-kpis").
@@ -112,6 +114,24 @@ def _matchers(
     return ",".join(parts)
 
 
+_DIMENSIONS = {"member": MEMBER_DIMENSIONS, "order": ORDER_DIMENSIONS}
+
+
+def segment_matchers(kpi: str, segment: str | None = None,
+                     labels: Iterable[tuple[str, str]] = ()) -> list[str]:
+    """Matchers that pick a segmented KPI's whole-program series, or with ``segment`` its
+    series per value of that dimension (SPEC 4.2: ``loyalty_active_rate{tier="gold"}`` beside
+    ``loyalty_active_rate``). Dimensions fixed in ``labels`` are left to them; [] for a KPI that
+    is never segmented."""
+    entry = KPIS.get(kpi)
+    dimensions = _DIMENSIONS.get(entry.segment, ()) if entry is not None else ()
+    if segment is not None and segment not in dimensions:
+        raise ValueError(f"{kpi} is not reported per {segment}; its dimensions: {list(dimensions)}")
+    fixed = {key for key, _ in labels}
+    return [f'{dimension}!=""' if dimension == segment else f'{dimension}=""'
+            for dimension in dimensions if dimension not in fixed]
+
+
 def _promql_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -126,17 +146,22 @@ def kpi_selector(
     labels: Iterable[tuple[str, str]] = (),
     offset: str | None = None,
     raw_matchers: Iterable[str] = (),
+    segment: str | None = None,
 ) -> str:
     """PromQL for one KPI gauge, de-duplicated across workers.
 
     ``max by (<the KPI's labels>)`` drops ``instance``: during an exporter hand-over two
     workers may briefly both export, and a series compared with its own ``offset`` must
-    not depend on which worker exported it then.
+    not depend on which worker exported it then. The whole program's series of a segmented
+    KPI, or with ``segment`` one series per value of that dimension (see
+    :func:`segment_matchers`).
     """
-    selector = f"loyalty_{kpi}{{{_matchers(window, labels, raw_matchers)}}}"
+    labels = tuple(labels)
+    raw = [*raw_matchers, *segment_matchers(kpi, segment, labels)]
+    selector = f"loyalty_{kpi}{{{_matchers(window, labels, raw)}}}"
     if offset is not None:
         selector += f" offset {offset}"
-    grouping = _grouping(kpi)
+    grouping = _grouping(kpi) + ((segment,) if segment is not None else ())
     return f"max by ({', '.join(grouping)}) ({selector})" if grouping else f"max({selector})"
 
 
@@ -224,7 +249,8 @@ def _target_rule(target: Target, health: HealthThresholds) -> dict[str, Any]:
 
 
 def _no_data_rule(target: Target, health: HealthThresholds) -> dict[str, Any]:
-    selector = f"loyalty_{target.kpi}{{{_matchers(target.window, target.labels)}}}"
+    unsegmented = segment_matchers(target.kpi, labels=target.labels)
+    selector = f"loyalty_{target.kpi}{{{_matchers(target.window, target.labels, unsegmented)}}}"
     series = target.kpi + (f" over {target.window}" if target.window else "")
     series += "".join(f", {key}={value}" for key, value in target.labels)
     return {

@@ -31,6 +31,7 @@ from stream_kpis.ops.alerts import (
     render_rules,
     render_to_yaml,
     rule_queries,
+    segment_matchers,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +42,12 @@ PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not found (apt-get install prometheus)"
 )
+
+# SPEC 4.2: the dimensions of each kind, written out here (not read from the catalogue)
+MEMBER_DIMENSIONS = ("tier", "enrollment_channel", "home_store")
+ORDER_DIMENSIONS = ("channel", "store_id")
+#: the matchers of a member KPI's whole-program series: none of its segment labels
+WHOLE = ",".join(f'{dimension}=""' for dimension in MEMBER_DIMENSIONS)
 
 
 def write(tmp_path: Path, text: str, name: str = "targets.toml") -> Path:
@@ -248,7 +255,8 @@ def test_absolute_rule_fires_on_the_negated_comparison(op, violated):
     rules = render_rules(TargetsConfig((target(op=op, value=0.35),)))
     (rule,) = alert_rules(rules)["LoyaltyActiveRateTarget"]
     assert rule["expr"] == (
-        f'max by (window) (loyalty_active_rate{{job="stream-kpis",window="30d"}}) {violated} 0.35'
+        f'max by (window) (loyalty_active_rate{{job="stream-kpis",window="30d",{WHOLE}}}) '
+        f"{violated} 0.35"
     )
     assert rule["for"] == "1h"
     assert rule["labels"] == {"severity": "warning", "kpi": "active_rate", "audience": "crm"}
@@ -260,11 +268,12 @@ def test_relative_rule_compares_with_offset():
                for_="6h", note="quarterly")  # fmt: skip
     (rule,) = alert_rules(render_rules(TargetsConfig((t,))))["LoyaltyChurnRateTrendTarget"]
     assert rule["expr"] == (
-        '(max by (window) (loyalty_churn_rate{job="stream-kpis",window="90d"})'
-        ' - max by (window) (loyalty_churn_rate{job="stream-kpis",window="90d"} offset 90d)) > -0.01'
+        f'(max by (window) (loyalty_churn_rate{{job="stream-kpis",window="90d",{WHOLE}}})'
+        f' - max by (window) (loyalty_churn_rate{{job="stream-kpis",window="90d",{WHOLE}}} '
+        "offset 90d)) > -0.01"
     )
     description = rule["annotations"]["description"]
-    assert "query `max by (window) (loyalty_churn_rate{job=\"stream-kpis\",window=\"90d\"})`" in description
+    assert f'query `max by (window) (loyalty_churn_rate{{job="stream-kpis",window="90d",{WHOLE}}})`' in description
     assert "fall by at least 0.01 per 90d" in description
     assert description.endswith("Why: quarterly")
 
@@ -295,6 +304,37 @@ def test_unwindowed_kpi_has_no_window_matcher_or_grouping():
     assert kpi_selector("breakage_rate") == 'max(loyalty_breakage_rate{job="stream-kpis"})'
 
 
+@pytest.mark.parametrize("kpi, dimensions", [
+    ("members", MEMBER_DIMENSIONS), ("churn_rate", MEMBER_DIMENSIONS),
+    ("aov_guest", ORDER_DIMENSIONS), ("margin_lift", ORDER_DIMENSIONS),
+    ("nps", ()), ("new_members", ()), ("cohort_retention", ()),
+])  # fmt: skip
+def test_selector_of_a_segmented_kpi_is_its_whole_program_series(kpi, dimensions):
+    """Segment series (``tier="gold"``) carry a dimension label; the whole program's series
+    has none, which ``dimension=""`` selects in PromQL."""
+    assert segment_matchers(kpi) == [f'{d}=""' for d in dimensions]
+    selector = kpi_selector(kpi, "30d")
+    assert all(f'{d}=""' in selector for d in dimensions)
+
+
+def test_selector_per_segment_value():
+    assert kpi_selector("active_rate", "30d", segment="tier") == (
+        'max by (window, tier) (loyalty_active_rate{job="stream-kpis",window="30d",tier!="",'
+        'enrollment_channel="",home_store=""})'
+    )
+    assert kpi_selector("aov_member", "30d", segment="store_id") == (
+        'max by (window, store_id) (loyalty_aov_member{job="stream-kpis",window="30d",'
+        'channel="",store_id!=""})'
+    )
+    # a dimension fixed by a label is left to it
+    assert segment_matchers("members", labels=(("tier", "gold"),)) == [
+        'enrollment_channel=""', 'home_store=""']
+    with pytest.raises(ValueError, match="store_id"):
+        kpi_selector("members", segment="store_id")
+    with pytest.raises(ValueError, match="tier"):
+        kpi_selector("nps", "30d", segment="tier")
+
+
 @pytest.mark.parametrize(
     ("op", "change", "words"),
     [
@@ -323,7 +363,7 @@ def test_no_data_rules_are_deduplicated_per_series():
     rules = alert_rules(render_rules(TargetsConfig((warn, crit))))
     assert len(rules["LoyaltyActiveRateTarget"]) == 2
     (no_data,) = rules["LoyaltyKpiTargetNoData"]
-    assert no_data["expr"] == 'absent(loyalty_active_rate{job="stream-kpis",window="30d"})'
+    assert no_data["expr"] == f'absent(loyalty_active_rate{{job="stream-kpis",window="30d",{WHOLE}}})'
 
 
 def test_health_rules_use_the_thresholds():
