@@ -123,7 +123,7 @@ class Pipeline:
         self.app = faust.App(settings.app_id, **faust_app_kwargs(settings))
         self.registry = registry or CollectorRegistry()
         self.metrics = WorkerMetrics(self.registry)
-        self.kpi_gauges = KpiCollector(self.registry, worker_metrics=self.metrics)
+        self.kpi_gauges = KpiCollector.for_settings(settings, self.registry, worker_metrics=self.metrics)
         self.readmodel = None
         if settings.redis_url:
             from .live.readmodel import ReadModel

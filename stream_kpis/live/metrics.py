@@ -10,7 +10,10 @@ Two kinds of metrics live here (names fixed by the project contract):
   ``loyalty_<kpi>`` gauges *at scrape time*. Only the worker holding the global-exporter role
   exports them; ``set_exporting(False)`` makes ``collect()`` yield nothing, so a worker that
   loses the role stops exporting immediately. ``set_exporting`` is also the one place that
-  sets ``stream_kpis_global_exporter``.
+  sets ``stream_kpis_global_exporter``. Segmented records (SPEC 4.2) carry their dimension as a
+  label (``loyalty_active_rate{window="30d", tier="gold"}``); per dimension at most
+  ``segment_limit`` values are exported, and ``stream_kpis_segment_values_dropped{dimension}``
+  says how many were left out.
 
 Nothing here touches the process-global ``prometheus_client.REGISTRY`` unless it is passed
 in explicitly.
@@ -23,7 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,13 +39,25 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from ..core.catalogue import CATALOGUE, label_names
+from ..core.catalogue import (
+    CATALOGUE,
+    KPIS,
+    MEMBER_DIMENSIONS,
+    ORDER_DIMENSIONS,
+    SEGMENT_DIMENSIONS,
+    label_names,
+)
+from ..core.timebase import parse_duration
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
     "EVENT_OUTCOMES",
     "KPI_HELP",
     "KPI_LABEL_NAMES",
+    "SEGMENT_VALUES_DROPPED",
     "KpiCollector",
     "WorkerMetrics",
     "render_latest",
@@ -51,9 +66,16 @@ __all__ = [
 EVENT_OUTCOMES = frozenset({"applied", "duplicate", "redelivered", "dead_letter"})
 
 # The only label names a loyalty_* gauge may carry (SPEC section 6: low-cardinality labels
-# only): ``window`` and the labels the catalogue gives the KPIs. Anything else -- above all a
-# member id -- is rejected in KpiCollector.update().
-KPI_LABEL_NAMES = frozenset({"window"}) | label_names()
+# only): ``window``, the labels the catalogue gives the KPIs and the segment dimensions (SPEC
+# 4.2, each bounded by segment_limit). Anything else -- above all a member id -- is rejected in
+# KpiCollector.update().
+KPI_LABEL_NAMES = frozenset({"window"}) | label_names() | frozenset(SEGMENT_DIMENSIONS)
+#: The gauge of the segment values left out of the loyalty_* gauges, by dimension.
+SEGMENT_VALUES_DROPPED = "stream_kpis_segment_values_dropped"
+#: What ranks a segment value: for a member dimension the value's member count; for an order
+#: dimension its orders (member + guest) in the longest window, the denominators of these KPIs.
+_MEMBER_RANK_KPI = "members"
+_ORDER_RANK_KPIS = ("aov_member", "aov_guest")
 
 # Per-batch processing time: sub-millisecond batches up to a stalled 10 s batch.
 PROCESSING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -247,6 +269,16 @@ class KpiCollector(Collector):
     Pass ``registry`` to register the collector there, and ``worker_metrics`` so that
     ``set_exporting`` also sets ``stream_kpis_global_exporter`` -- the single place where
     the role is switched.
+
+    Segments (SPEC 4.2): of each dimension, the ``segment_limit`` values with the most members
+    (member dimensions: the value's ``members`` record) or the most orders in the longest window
+    (order dimensions: the denominators of its ``aov_member`` and ``aov_guest`` records) are
+    exported, ties by value name; the records of the others are left out, and
+    ``stream_kpis_segment_values_dropped{dimension}`` is their number at the last update, for
+    every dimension in ``segments`` (the settings' dimensions) or seen in the records. It is a
+    gauge, not a counter: what is left out is a state of the latest snapshot, back to 0 once a
+    dimension shrinks under the limit, whereas a count per update would grow with the emit
+    interval rather than with what is hidden.
     """
 
     def __init__(
@@ -255,14 +287,28 @@ class KpiCollector(Collector):
         *,
         worker_metrics: WorkerMetrics | None = None,
         exporting: bool = False,
+        segment_limit: int = 50,
+        segments: Iterable[str] = (),
     ) -> None:
+        if segment_limit < 1:
+            raise ValueError(f"segment_limit must be >= 1, got {segment_limit}")
         self._lock = threading.Lock()
         self._snapshot: dict[str, list[_Sample]] = {}
+        self._segment_limit = segment_limit
+        self._dimensions = tuple(segments)
+        self._dropped: dict[str, int] = dict.fromkeys(self._dimensions, 0)
         self._worker_metrics = worker_metrics
         self._exporting = False
         self.set_exporting(exporting)
         if registry is not None:
             registry.register(self)
+
+    @classmethod
+    def for_settings(cls, settings: Settings, registry: CollectorRegistry | None = None, *,
+                     worker_metrics: WorkerMetrics | None = None) -> KpiCollector:
+        """A passive collector with the settings' ``segment_limit`` and ``segments``."""
+        return cls(registry, worker_metrics=worker_metrics, segment_limit=settings.segment_limit,
+                   segments=settings.segments)
 
     @property
     def exporting(self) -> bool:
@@ -280,10 +326,14 @@ class KpiCollector(Collector):
         """Replace the snapshot with ``records`` (KPI record dicts of SPEC section 6).
 
         Raises ``ValueError`` for a KPI name that is not a valid metric name or a label
-        outside ``KPI_LABEL_NAMES`` (a member id must never become a label).
+        outside ``KPI_LABEL_NAMES`` or not for that KPI (a member id must never become a
+        label).
         """
+        records = list(records)
+        segments = [_segment_of(record) for record in records]
+        kept, dropped = self._kept_segment_values(records, segments)
         snapshot: dict[str, list[_Sample]] = {}
-        for record in records:
+        for record, segment in zip(records, segments, strict=True):
             kpi = record["kpi"]
             if not _METRIC_NAME.match(kpi):
                 raise ValueError(f"KPI name {kpi!r} is not a valid Prometheus metric name")
@@ -291,9 +341,41 @@ class KpiCollector(Collector):
             value = record.get("value")
             if value is None or not math.isfinite(value):
                 continue  # null KPI: no sample at all (never NaN)
+            if segment is not None and segment not in kept:
+                continue  # beyond segment_limit: counted in SEGMENT_VALUES_DROPPED
             snapshot.setdefault(kpi, []).append((labels, float(value)))
         with self._lock:
             self._snapshot = snapshot
+            self._dropped = dropped
+
+    def _kept_segment_values(self, records: list[Mapping[str, Any]],
+                             segments: list[tuple[str, str] | None]
+                             ) -> tuple[set[tuple[str, str]], dict[str, int]]:
+        """The (dimension, value) pairs within ``segment_limit``, and the number left out
+        per dimension."""
+        longest = max((parse_duration(r["window"]) for r in records
+                       if r["kpi"] in _ORDER_RANK_KPIS and r.get("window")), default=None)
+        ranks: dict[tuple[str, str], float] = {}
+        for record, segment in zip(records, segments, strict=True):
+            if segment is None:
+                continue
+            rank = ranks.setdefault(segment, 0)
+            if segment[0] in MEMBER_DIMENSIONS:
+                if record["kpi"] == _MEMBER_RANK_KPI:
+                    ranks[segment] = rank + (record.get("value") or 0)
+            elif (record["kpi"] in _ORDER_RANK_KPIS and record.get("window")
+                    and parse_duration(record["window"]) == longest):
+                ranks[segment] = rank + (record.get("denominator") or 0)
+        by_dimension: dict[str, list[str]] = {dimension: [] for dimension in self._dimensions}
+        for dimension, value in ranks:
+            by_dimension.setdefault(dimension, []).append(value)
+        kept: set[tuple[str, str]] = set()
+        dropped: dict[str, int] = {}
+        for dimension, values in by_dimension.items():
+            values.sort(key=lambda v: (-ranks[(dimension, v)], v))
+            kept.update((dimension, v) for v in values[:self._segment_limit])
+            dropped[dimension] = max(0, len(values) - self._segment_limit)
+        return kept, dropped
 
     def describe(self) -> list[Metric]:
         """Nothing up front: the gauge names depend on the records (avoids a collect())."""
@@ -304,13 +386,48 @@ class KpiCollector(Collector):
         with self._lock:
             if not self._exporting:
                 return
-            snapshot = self._snapshot
+            snapshot, dropped = self._snapshot, self._dropped
         for kpi, samples in snapshot.items():
             name = f"loyalty_{kpi}"
             family = Metric(name, KPI_HELP.get(kpi, f"Loyalty KPI {kpi}."), "gauge")
             for labels, value in samples:
                 family.add_sample(name, labels, value)
             yield family
+        if dropped:
+            family = Metric(SEGMENT_VALUES_DROPPED,
+                            "Segment values of a dimension left out of the loyalty_* gauges at "
+                            "the last KPI update ([kpis] segment_limit).", "gauge")
+            for dimension, n in sorted(dropped.items()):
+                family.add_sample(SEGMENT_VALUES_DROPPED, {"dimension": dimension}, n)
+            yield family
+
+
+def _segment_of(record: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(dimension, value) of a segmented record (SPEC 4.2): a segment dimension among its
+    labels that is not one of the KPI's own (``new_members{channel}`` is not a segment)."""
+    labels = record.get("labels")
+    if not labels:
+        return None
+    kpi = KPIS.get(record["kpi"])
+    own = kpi.labels if kpi is not None else ()
+    for name, value in labels.items():
+        if name in SEGMENT_DIMENSIONS and name not in own:
+            return name, str(value)
+    return None
+
+
+def _allowed_labels(kpi_name: str) -> frozenset[str]:
+    """The record labels a loyalty_<kpi> gauge may carry: the KPI's own, and the dimensions of
+    its segment kind; any of KPI_LABEL_NAMES for a KPI the catalogue does not know."""
+    kpi = KPIS.get(kpi_name)
+    if kpi is None:
+        return KPI_LABEL_NAMES - {"window"}
+    return _KPI_LABELS[kpi.name]
+
+
+_DIMENSIONS_OF_KIND = {None: (), "member": MEMBER_DIMENSIONS, "order": ORDER_DIMENSIONS}
+_KPI_LABELS = {kpi.name: frozenset(kpi.labels) | frozenset(_DIMENSIONS_OF_KIND[kpi.segment])
+               for kpi in CATALOGUE}
 
 
 def _gauge_labels(record: Mapping[str, Any]) -> dict[str, str]:
@@ -319,11 +436,12 @@ def _gauge_labels(record: Mapping[str, Any]) -> dict[str, str]:
     window = record.get("window")
     if window is not None:
         labels["window"] = str(window)
+    allowed = _allowed_labels(record["kpi"])
     for name, value in (record.get("labels") or {}).items():
-        if name not in KPI_LABEL_NAMES or name == "window":
+        if name not in allowed or name not in KPI_LABEL_NAMES:
             raise ValueError(
                 f"label {name!r} of KPI {record['kpi']!r} is not allowed on a loyalty_* gauge; "
-                f"allowed record labels: {sorted(KPI_LABEL_NAMES - {'window'})}")
+                f"allowed record labels: {sorted(allowed & KPI_LABEL_NAMES)}")
         labels[name] = str(value)
     return labels
 

@@ -6,7 +6,15 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_kpis.live.metrics import KPI_HELP, KpiCollector, WorkerMetrics, render_latest
+from stream_kpis.core.catalogue import KPIS
+from stream_kpis.live.metrics import (
+    KPI_HELP,
+    SEGMENT_VALUES_DROPPED,
+    KpiCollector,
+    WorkerMetrics,
+    render_latest,
+)
+from stream_kpis.settings import Settings
 
 AS_OF = "2024-01-31T00:00:00Z"
 
@@ -213,3 +221,137 @@ def test_collector_coexists_with_other_metrics(registry, collector):
     other.set(3)
     assert registry.get_sample_value("some_other_gauge") == 3
     assert registry.get_sample_value("loyalty_members") == 12
+
+
+# -- segments (SPEC 4.2) and cohorts (SPEC 4.3) ---------------------------------------------
+
+def members_of(dimension, value, n):
+    """The records of one member-dimension value: members (its rank) and an active rate."""
+    return [kpi("members", n, labels={dimension: value}),
+            kpi("active_rate", 0.5, "30d", {dimension: value}, n // 2, n)]
+
+
+def orders_of(store, member_orders, guest_orders, window):
+    """The aov records of one store in one window (their denominators are the store's orders)."""
+    return [kpi("aov_member", 10.0 if member_orders else None, window, {"store_id": store},
+                10.0 * member_orders, member_orders),
+            kpi("aov_guest", 5.0 if guest_orders else None, window, {"store_id": store},
+                5.0 * guest_orders, guest_orders)]
+
+
+def test_segment_and_cohort_records_carry_their_labels(registry, metrics):
+    collector = KpiCollector(registry, worker_metrics=metrics, exporting=True,
+                             segments=("tier", "store_id"))
+    collector.update([*RECORDS, *members_of("tier", "gold", 4), *orders_of("s1", 3, 1, "30d"),
+                      kpi("cohort_size", 9, labels={"cohort": "2024-01"}),
+                      kpi("cohort_retention", 0.5, labels={"age": "1", "cohort": "2024-01"},
+                          numerator=3, denominator=6)])
+    get = registry.get_sample_value
+    assert get("loyalty_members") == 12 and get("loyalty_members", {"tier": "gold"}) == 4
+    assert get("loyalty_active_rate", {"window": "30d", "tier": "gold"}) == 0.5
+    assert get("loyalty_aov_member", {"window": "30d", "store_id": "s1"}) == 10.0
+    assert get("loyalty_cohort_size", {"cohort": "2024-01"}) == 9
+    assert get("loyalty_cohort_retention", {"cohort": "2024-01", "age": "1"}) == 0.5
+    # nothing left out; a configured dimension without values reports 0 too
+    assert get("stream_kpis_segment_values_dropped", {"dimension": "tier"}) == 0
+    assert get("stream_kpis_segment_values_dropped", {"dimension": "store_id"}) == 0
+
+
+def test_member_dimension_keeps_the_values_with_the_most_members(registry, metrics):
+    collector = KpiCollector(registry, worker_metrics=metrics, exporting=True, segment_limit=2,
+                             segments=("tier", "home_store"))
+    records = [kpi("active_rate", 0.4, "30d"),
+               *members_of("tier", "bronze", 1), *members_of("tier", "silver", 9),
+               *members_of("tier", "unknown", 3), *members_of("tier", "gold", 5),
+               *members_of("home_store", "s1", 2), *members_of("home_store", "s2", 2)]
+    collector.update(records)
+    shown = {labels["tier"] for labels, _ in _samples(registry, "loyalty_active_rate")
+             if "tier" in labels}
+    assert shown == {"silver", "gold"}  # 9 and 5 members; unknown (3) and bronze (1) left out
+    assert {labels["tier"] for labels, _ in _samples(registry, "loyalty_members")
+            if "tier" in labels} == shown
+    get = registry.get_sample_value
+    assert get("loyalty_active_rate", {"window": "30d"}) == 0.4  # the whole program, always
+    assert get("stream_kpis_segment_values_dropped", {"dimension": "tier"}) == 2
+    assert get("stream_kpis_segment_values_dropped", {"dimension": "home_store"}) == 0
+    # the next update replaces the count
+    collector.update(members_of("tier", "gold", 5))
+    assert get("stream_kpis_segment_values_dropped", {"dimension": "tier"}) == 0
+
+
+def test_order_dimension_keeps_the_values_with_the_most_orders_in_the_longest_window(
+        registry, metrics):
+    collector = KpiCollector(registry, worker_metrics=metrics, exporting=True, segment_limit=2,
+                             segments=("store_id",))
+    # 30d orders (member + guest): a 10 + 0, b 4 + 8 = 12, c 11 + 0, d 0 + 11 (ties c by name);
+    # the 7d window ranks the other way round, and "7d" > "30d" as text: the longest must win
+    records = [*orders_of("a", 10, 0, "30d"), *orders_of("b", 4, 8, "30d"),
+               *orders_of("c", 11, 0, "30d"), *orders_of("d", 0, 11, "30d"),
+               *orders_of("a", 9, 9, "7d"), *orders_of("b", 1, 0, "7d"),
+               *orders_of("c", 1, 0, "7d"), *orders_of("d", 0, 1, "7d"),
+               kpi("member_spend_lift", 1.0, "30d", {"store_id": "a"}, 10.0, 5.0)]
+    collector.update(records)
+    shown = {labels["store_id"] for name in ("loyalty_aov_member", "loyalty_aov_guest",
+                                             "loyalty_member_spend_lift")
+             for labels, _ in _samples(registry, name)}
+    assert shown == {"b", "c"}
+    assert registry.get_sample_value("stream_kpis_segment_values_dropped",
+                                     {"dimension": "store_id"}) == 2
+
+
+def test_own_labels_are_not_segments(registry, metrics):
+    """new_members{channel} and tier_members{tier} are never cut by segment_limit."""
+    collector = KpiCollector(registry, worker_metrics=metrics, exporting=True, segment_limit=1,
+                             segments=("channel", "tier"))
+    collector.update([kpi("new_members", n, "7d", {"channel": c}) for n, c in enumerate("abc")]
+                     + [kpi("tier_members", 1, labels={"tier": t}) for t in ("x", "y")])
+    assert len(_samples(registry, "loyalty_new_members")) == 3
+    assert len(_samples(registry, "loyalty_tier_members")) == 2
+    assert registry.get_sample_value("stream_kpis_segment_values_dropped",
+                                     {"dimension": "channel"}) == 0
+
+
+def test_dropped_gauge_follows_the_exporter_role(registry, metrics):
+    collector = KpiCollector(registry, worker_metrics=metrics, segment_limit=1,
+                             segments=("tier",))
+    collector.update([*members_of("tier", "a", 1), *members_of("tier", "b", 2)])
+    assert registry.get_sample_value("stream_kpis_segment_values_dropped",
+                                     {"dimension": "tier"}) is None  # passive: nothing
+    collector.set_exporting(True)
+    assert registry.get_sample_value("stream_kpis_segment_values_dropped",
+                                     {"dimension": "tier"}) == 1
+    plain = KpiCollector(CollectorRegistry(), exporting=True)  # no segments configured
+    plain.update(RECORDS)
+    assert SEGMENT_VALUES_DROPPED not in {family.name for family in plain.collect()}
+
+
+@pytest.mark.parametrize("name, labels", [
+    ("aov_member", {"tier": "gold"}),          # a member dimension on an order KPI
+    ("members", {"store_id": "s1"}),           # an order dimension on a member KPI
+    ("nps", {"tier": "gold"}),                 # a KPI that is never segmented
+    ("cohort_size", {"cohort": "2024-01", "member_id": "m-1"}),
+])
+def test_segment_labels_only_on_their_kind_of_kpi(collector, name, labels):
+    with pytest.raises(ValueError, match="not allowed"):
+        collector.update([kpi(name, 1.0, "30d" if KPIS[name].windowed else None, labels)])
+
+
+def test_segment_limit_must_be_positive(registry):
+    with pytest.raises(ValueError, match="segment_limit"):
+        KpiCollector(registry, segment_limit=0)
+
+
+def _samples(registry, name):
+    return [(sample.labels, sample.value) for family in registry.collect()
+            for sample in family.samples if sample.name == name]
+
+
+def test_collector_for_settings_takes_the_segment_settings(registry):
+    settings = Settings(segments=("tier",), segment_limit=1)
+    collector = KpiCollector.for_settings(settings, registry)
+    assert not collector.exporting
+    collector.set_exporting(True)
+    collector.update([*members_of("tier", "a", 1), *members_of("tier", "b", 2)])
+    assert {labels["tier"] for labels, _ in _samples(registry, "loyalty_members")} == {"b"}
+    assert registry.get_sample_value("stream_kpis_segment_values_dropped",
+                                     {"dimension": "tier"}) == 1
