@@ -273,7 +273,8 @@ def test_relative_rule_compares_with_offset():
         "offset 90d)) > -0.01"
     )
     description = rule["annotations"]["description"]
-    assert f'query `max by (window) (loyalty_churn_rate{{job="stream-kpis",window="90d",{WHOLE}}})`' in description
+    current = f'max by (window) (loyalty_churn_rate{{job="stream-kpis",window="90d",{WHOLE}}})'
+    assert f"query `{current}`" in description
     assert "fall by at least 0.01 per 90d" in description
     assert description.endswith("Why: quarterly")
 
