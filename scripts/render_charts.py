@@ -11,7 +11,10 @@ series ``stream-kpis replay --every 1d --output jsonl`` writes; no broker, no Pr
 axis is the records' ``as_of`` (event time).
 
 Either way it writes one PNG per KPI plus ``overview.png`` (all of them on one page) into the
-output directory, with the absolute goals of the targets file drawn as dashed lines.
+output directory, with the absolute goals of the targets file drawn as dashed lines, and
+``cohort_retention.png``: the retention triangle (SPEC 4.3) as a heatmap, one row per enrollment
+month and one column per month after it, as of the end of the range (Prometheus) or of the last
+``as_of`` (records).
 
     .venv/bin/python scripts/render_charts.py http://127.0.0.1:9090
     .venv/bin/python scripts/render_charts.py http://127.0.0.1:9090 --since 2h -o /tmp/charts
@@ -20,9 +23,9 @@ output directory, with the absolute goals of the targets file drawn as dashed li
     .venv/bin/python scripts/render_charts.py --records kpis.jsonl --dpi 60
 
 ``make charts`` renders the README's picture (docs/images/kpis.png) this way from a seeded
-synthetic stream. Prints one line per chart with the number of series and points drawn; exits 1
-when no chart got any data (wrong URL, wrong range, Prometheus does not scrape the workers, or
-the records hold none of the charted KPIs).
+synthetic stream. Prints one line per chart with the number of series and points drawn (for the
+cohort heatmap: cohorts and cells); exits 1 when no chart got any data (wrong URL, wrong range,
+Prometheus does not scrape the workers, or the records hold none of the charted KPIs).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import matplotlib.dates as mdates  # noqa: E402 (after choosing the backend)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 
+from stream_kpis.cli import CohortRow, cohort_triangle  # noqa: E402
 from stream_kpis.core.timebase import parse_duration, parse_rfc3339_ms  # noqa: E402
 from stream_kpis.ops.alerts import Target, goal_text, kpi_selector, load_targets  # noqa: E402
 
@@ -107,10 +111,17 @@ class Prometheus:
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
         """The matrix result of ``expr``; raises ``RuntimeError`` with Prometheus's message."""
-        params = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": step})
+        return self._get("query_range", {"query": expr, "start": start, "end": end, "step": step})
+
+    def query(self, expr: str, at: float) -> list[dict]:
+        """The instant-vector result of ``expr`` at unix time ``at``."""
+        return self._get("query", {"query": expr, "time": at})
+
+    def _get(self, endpoint: str, params: dict) -> list[dict]:
+        expr = params["query"]
+        url = f"{self.url}/api/v1/{endpoint}?{urllib.parse.urlencode(params)}"
         try:
-            with urllib.request.urlopen(f"{self.url}/api/v1/query_range?{params}",
-                                        timeout=self.timeout) as response:
+            with urllib.request.urlopen(url, timeout=self.timeout) as response:
                 answer = json.load(response)
         except urllib.error.HTTPError as error:
             answer = json.load(error)
@@ -152,6 +163,55 @@ def series_of_records(records: Sequence[dict], chart: Chart) -> list[Series]:
                 one.values.append(float(record["value"]))
         found.extend(one for one in by_labels.values() if one.values)
     return sorted(found, key=lambda s: s.legend)
+
+
+#: The cohort heatmap's file name (``<name>.png``).
+COHORT_CHART = "cohort_retention"
+
+
+def cohorts_of_prometheus(prometheus: Prometheus, at: float) -> list[CohortRow]:
+    """The retention triangle as Prometheus has it at ``at`` (the dashboard's queries)."""
+    records = [{"kpi": kpi, "labels": result["metric"], "value": float(result["value"][1])}
+               for kpi in ("cohort_size", "cohort_retention")
+               for result in prometheus.query(kpi_selector(kpi), at)]
+    return cohort_triangle(records)
+
+
+def cohorts_of_records(records: Sequence[dict]) -> list[CohortRow]:
+    """The retention triangle of the latest ``as_of`` among the records' cohort records."""
+    cohort = [r for r in records if r.get("kpi") in ("cohort_size", "cohort_retention")]
+    if not cohort:
+        return []
+    latest = max(cohort, key=lambda r: parse_rfc3339_ms(r["as_of"]))["as_of"]
+    return cohort_triangle(r for r in cohort if r["as_of"] == latest)
+
+
+def draw_cohorts(ax: Axes, rows: Sequence[CohortRow], when: str) -> None:
+    """The triangle as a heatmap: red (nobody came back) to green (everybody did), each cell
+    labelled with its percentage; the y axis names the cohorts and their sizes."""
+    ages = max((len(row.retention) for row in rows), default=0)
+    grid = [[(row.retention[a] if a < len(row.retention) and row.retention[a] is not None
+              else float("nan")) for a in range(ages)] for row in rows]
+    ax.set_title(f"Cohort retention, as of {when}")
+    if not rows:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center",
+                color="grey", fontsize="large")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    small = len(rows) * ages <= 160  # room for a label in each cell
+    for y, cells in enumerate(grid):
+        for x, value in enumerate(cells):
+            if small and value == value:  # not NaN
+                ax.text(x, y, f"{100 * value:.0f}", ha="center", va="center", fontsize="x-small")
+    ax.set_xticks(range(ages), [str(a) for a in range(ages)])
+    ax.set_yticks(range(len(rows)), [f"{row.cohort} ({row.members:,})" for row in rows],
+                  fontsize="small")
+    ax.set_xlabel("months after enrollment (0 = the enrollment month)")
+    ax.set_ylabel("enrollment month (members)")
+    ax.figure.colorbar(image, ax=ax, fraction=0.04, pad=0.02,
+                       format=lambda value, _: f"{100 * value:.0f}%")
 
 
 def read_records(lines: Iterable[bytes]) -> list[dict]:
@@ -204,16 +264,21 @@ def draw(ax: Axes, chart: Chart, series: list[Series], goals: list[Target],
 
 
 def render(drawn: dict[Chart, list[Series]], output: Path, start: datetime, end: datetime,
-           title: str, targets: Sequence[Target] = (), dpi: int = 100) -> dict[str, tuple[int, int]]:
-    """Write the PNGs of ``drawn`` over [start, end]; returns chart name -> (series, points)."""
+           title: str, targets: Sequence[Target] = (), dpi: int = 100,
+           cohorts: Sequence[CohortRow] = ()) -> dict[str, tuple[int, int]]:
+    """Write the PNGs of ``drawn`` over [start, end] and the cohort heatmap (as of ``end``);
+    returns chart name -> (series, points), for the heatmap (cohorts, cells)."""
     output.mkdir(parents=True, exist_ok=True)
     columns = 2
-    overview, axes = plt.subplots(-(-len(CHARTS) // columns), columns,
-                                  figsize=(7 * columns, 3.6 * -(-len(CHARTS) // columns)),
+    panels = len(CHARTS) + 1
+    overview, axes = plt.subplots(-(-panels // columns), columns,
+                                  figsize=(7 * columns, 3.6 * -(-panels // columns)),
                                   squeeze=False)
     for ax, (chart, series) in zip(axes.flat, drawn.items(), strict=False):
         draw(ax, chart, series, goals_of(chart, targets), start, end)
-    for ax in list(axes.flat)[len(CHARTS):]:
+    when = f"{end:%Y-%m-%d %H:%M} UTC"
+    draw_cohorts(axes.flat[len(CHARTS)], cohorts, when)
+    for ax in list(axes.flat)[panels:]:
         ax.set_visible(False)
     overview.suptitle(title)
     overview.tight_layout()
@@ -228,29 +293,44 @@ def render(drawn: dict[Chart, list[Series]], output: Path, start: datetime, end:
         figure.savefig(output / f"{chart.name}.png", dpi=dpi, pil_kwargs={"optimize": True})
         plt.close(figure)
         summary[chart.name] = (len(series), sum(len(s.values) for s in series))
+    figure, ax = plt.subplots(figsize=(8, 1.6 + 0.35 * max(len(cohorts), 3)))
+    draw_cohorts(ax, cohorts, when)
+    figure.tight_layout()
+    figure.savefig(output / f"{COHORT_CHART}.png", dpi=dpi, pil_kwargs={"optimize": True})
+    plt.close(figure)
+    summary[COHORT_CHART] = (len(cohorts), sum(len(row.retention) for row in cohorts))
     return summary
 
 
-def from_prometheus(prometheus: Prometheus, start: float, end: float
-                    ) -> tuple[dict[Chart, list[Series]], datetime, datetime, str]:
-    """The charts' series from Prometheus over [start, end] (unix seconds), the range, a title."""
+#: What the charts are drawn from: the series per chart, the range, a title, the cohorts.
+Drawn = tuple[dict[Chart, list[Series]], datetime, datetime, str, list[CohortRow]]
+
+
+def from_prometheus(prometheus: Prometheus, start: float, end: float) -> Drawn:
+    """The charts' series from Prometheus over [start, end] (unix seconds), the range, a title,
+    and the cohorts at ``end``."""
     step = max(1.0, (end - start) / MAX_POINTS)
     drawn = {chart: fetch(prometheus, chart, start, end, step) for chart in CHARTS}
     first, last = datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC)
     return drawn, first, last, (f"Loyalty KPIs from Prometheus: {first:%Y-%m-%d %H:%M:%S} .. "
-                                f"{last:%H:%M:%S} UTC, wall-clock time of the scrapes")
+                                f"{last:%H:%M:%S} UTC, wall-clock time of the scrapes"), \
+        cohorts_of_prometheus(prometheus, end)
 
 
-def from_records(records: Sequence[dict]) -> tuple[dict[Chart, list[Series]], datetime, datetime, str]:
-    """The charts' series from KPI records, their as_of range and a title."""
+def from_records(records: Sequence[dict]) -> Drawn:
+    """The charts' series from KPI records, their as_of range, a title, and the cohorts of the
+    latest as_of."""
     drawn = {chart: series_of_records(records, chart) for chart in CHARTS}
+    cohorts = cohorts_of_records(records)
     times = [t for series in drawn.values() for one in series for t in one.times]
+    times += [datetime.fromtimestamp(parse_rfc3339_ms(r["as_of"]) / 1000, UTC) for r in records
+              if r.get("kpi") == "cohort_size"]
     if not times:
         now = datetime.now(UTC)
-        return drawn, now, now, "Loyalty KPIs of a replay: no data"
+        return drawn, now, now, "Loyalty KPIs of a replay: no data", cohorts
     first, last = min(times), max(times)
     return drawn, first, last, (f"Loyalty KPIs of a replay: {first:%Y-%m-%d} .. {last:%Y-%m-%d}, "
-                                "as of each day (event time)")
+                                "as of each day (event time)"), cohorts
 
 
 def _instant(text: str) -> float:
@@ -295,17 +375,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = load_targets(args.targets).targets if str(args.targets) not in ("", ".") else ()
     try:
         if args.records is not None:
-            drawn, first, last, title = from_records(_read_records_file(args.records))
+            drawn, first, last, title, cohorts = from_records(_read_records_file(args.records))
         else:
             end = args.end if args.end is not None else time.time()
             start = args.start if args.start is not None else end - args.since
             if start >= end:
                 parser.error("the range is empty: --start must be before --end")
-            drawn, first, last, title = from_prometheus(Prometheus(args.url), start, end)
+            drawn, first, last, title, cohorts = from_prometheus(Prometheus(args.url), start, end)
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    summary = render(drawn, args.output, first, last, title, targets, args.dpi)
+    summary = render(drawn, args.output, first, last, title, targets, args.dpi, cohorts)
     for name, (series, points) in summary.items():
         print(f"{args.output / (name + '.png')}: {series} series, {points} points")
     print(f"{args.output / 'overview.png'}: all charts")

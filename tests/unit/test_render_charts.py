@@ -37,6 +37,12 @@ def test_charts_from_replayed_records(tmp_path):
     channels = {r["labels"]["channel"] for r in records
                 if r["kpi"] == "new_members" and r["window"] == "30d"}
     assert drawn["new_members"] == (len(channels), with_value[("new_members", "30d")])
+    # the cohort heatmap: the cohorts and cells of the latest evaluation (the final one)
+    latest = max(r["as_of"] for r in records)
+    cohort = [r for r in records if r["as_of"] == latest and r["kpi"].startswith("cohort_")]
+    assert drawn["cohort_retention"] == (
+        sum(r["kpi"] == "cohort_size" for r in cohort),
+        sum(r["kpi"] == "cohort_retention" for r in cohort)) == (1, 1)  # Jan 2024, age 0
     for name in [*drawn, "overview"]:
         assert (tmp_path / "charts" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
 
