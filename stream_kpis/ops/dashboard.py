@@ -3,7 +3,8 @@
 The dashboard (``deploy/grafana/dashboards/stream-kpis.json``) is rendered here rather than
 drawn by hand so that the goals in ``deploy/targets.toml`` and the threshold lines on the
 panels cannot drift apart. It has one row per CRM theme (members, redemption and points,
-churn, spend, satisfaction) and an operations row for the people who run the workers.
+churn, spend, satisfaction, segments and cohorts) and an operations row for the people who run
+the workers.
 
 Every query is plain PromQL without Grafana variables, so :func:`dashboard_queries` can hand
 them to a real Prometheus in an integration test.
@@ -50,7 +51,7 @@ _HOLDS = {
     "<=": lambda x, v: x <= v,
     "<": lambda x, v: x < v,
 }
-_PANEL_WIDTH, _PANEL_HEIGHT, _PER_ROW = 8, 8, 3
+_PANEL_WIDTH, _PANEL_HEIGHT, _GRID_WIDTH = 8, 8, 24
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,10 @@ class Query:
 
 @dataclass(frozen=True)
 class Panel:
-    """A panel before layout: what it shows, in which unit, and for which KPI's goals."""
+    """A panel before layout: what it shows, in which unit, and for which KPI's goals.
+
+    A ``table`` panel runs its queries as instant queries in table format, then applies
+    ``transformations``; ``overrides`` are Grafana field overrides."""
 
     title: str
     description: str
@@ -71,6 +75,9 @@ class Panel:
     goal_kpi: str | None = None
     min: float | None = None
     max: float | None = None
+    width: int = _PANEL_WIDTH
+    transformations: tuple[dict[str, Any], ...] = ()
+    overrides: tuple[dict[str, Any], ...] = ()
 
 
 #: Grafana unit of each catalogue unit.
@@ -140,7 +147,7 @@ _Row = tuple[str, list[Panel]]
 def _rows() -> list[_Row]:
     """The dashboard's rows: one per CRM theme, then operations."""
     return [_members_row(), _points_row(), _churn_row(), _spend_row(), _satisfaction_row(),
-            _operations_row()]  # fmt: skip
+            _segments_row(), _operations_row()]  # fmt: skip
 
 
 def _members_row() -> _Row:
@@ -211,6 +218,58 @@ def _satisfaction_row() -> _Row:
     ])  # fmt: skip
 
 
+#: Ages (months after enrollment) whose columns the retention table orders; further ages
+#: ([kpis] cohort_ages above this) still show, after them.
+_TABLE_AGES = 24
+_MEMBERS_COLUMN = "members"
+
+
+def _segmented(kpi: str, title: str, dimension: str, **extra: Any) -> Panel:
+    """A segmented KPI (SPEC 4.2) on the breakdown window, one series per value of
+    ``dimension`` (at most [kpis] segment_limit of them reach Prometheus)."""
+    note = (f" Per {dimension} ([kpis] segments); at most segment_limit values, those with the "
+            "most " + ("members." if KPIS[kpi].segment == "member" else "orders."))
+    return _breakdown(kpi, title, kpi_selector(kpi, BREAKDOWN_WINDOW, segment=dimension),
+                      f"{{{{{dimension}}}}}", note, **extra)
+
+
+def _retention_table() -> Panel:
+    """The retention triangle (SPEC 4.3): a row per cohort, its size, a column per age."""
+    size = (f'label_replace({kpi_selector("cohort_size")}, "age", "{_MEMBERS_COLUMN}", "", "")')
+    expr = f"{kpi_selector('cohort_retention')} or {size}"
+    description = (
+        f"{KPIS['cohort_retention'].help} Rows: enrollment months (cohorts); columns: members of "
+        "the cohort, then months after enrollment (0 = the enrollment month, the current month "
+        f"counts so far). Formula: {KPIS['cohort_retention'].formula}.")
+    order = {"cohort\\age": 0, _MEMBERS_COLUMN: 1} | {str(a): 2 + a for a in range(_TABLE_AGES)}
+    rename = {"cohort\\age": "cohort"} | {str(a): f"+{a}" for a in range(_TABLE_AGES)}
+    return Panel(
+        "Retention by enrollment month", description, (Query(expr, ""),), "percentunit", "table",
+        min=0, max=1, width=3 * _PANEL_WIDTH,
+        transformations=(
+            {"id": "groupingToMatrix",
+             "options": {"columnField": "age", "rowField": "cohort", "valueField": "Value"}},
+            {"id": "organize", "options": {"indexByName": order, "renameByName": rename}},
+        ),
+        overrides=(
+            {"matcher": {"id": "byName", "options": _MEMBERS_COLUMN},
+             "properties": [{"id": "unit", "value": "short"},
+                            {"id": "custom.cellOptions", "value": {"type": "auto"}}]},
+            {"matcher": {"id": "byName", "options": "cohort"},
+             "properties": [{"id": "custom.cellOptions", "value": {"type": "auto"}}]},
+        ))  # fmt: skip
+
+
+def _segments_row() -> _Row:
+    return ("Segments and cohorts", [
+        _retention_table(),
+        _segmented("active_rate", "Active rate by tier", "tier", goal_kpi="active_rate"),
+        _segmented("churn_rate", "Churn rate by home store", "home_store"),
+        _segmented("member_spend_lift", "Member spend lift by store", "store_id",
+                   kind="bargauge"),
+    ])  # fmt: skip
+
+
 def _operations_row() -> _Row:
     job = _JOB_MATCHER
     return ("Operations", [
@@ -245,6 +304,11 @@ def _operations_row() -> _Row:
               "seconds since last")),
         _ops("Redis read-model errors", "Failed read-model writes per second.", "ops",
              (f"sum(rate(stream_kpis_redis_errors_total{{{job}}}[{RATE}]))", "errors/s")),
+        _ops("Segment values left out", "Values of each segment dimension beyond [kpis] "
+             "segment_limit, not exported as loyalty_* series (KPI topics and Redis carry them "
+             "all).", "short",
+             (f"max by (dimension) (stream_kpis_segment_values_dropped{{{job}}})",
+              "{{dimension}}")),
     ])  # fmt: skip
 
 
@@ -287,6 +351,7 @@ def _goal_label(target: Target) -> str:
 
 
 def _panel_json(panel: Panel, panel_id: int, x: int, y: int, targets: Sequence[Target]) -> dict:
+    """One panel at (x, y) of the grid, with the goals of ``targets`` on its KPI."""
     goals = [t for t in targets if t.kpi == panel.goal_kpi]
     queries = list(panel.queries) + _goal_queries(goals)
     description = panel.description
@@ -307,27 +372,36 @@ def _panel_json(panel: Panel, panel_id: int, x: int, y: int, targets: Sequence[T
         options = {"reduceOptions": {"calcs": ["lastNotNull"]}, "graphMode": "area"}
     elif panel.kind in ("bargauge", "piechart"):
         options = {"reduceOptions": {"calcs": ["lastNotNull"]}}
+    elif panel.kind == "table":
+        options = {"showHeader": True, "cellHeight": "sm"}
+        defaults["color"] = {"mode": "continuous-RdYlGr"}
+        defaults["custom"] = {"cellOptions": {"type": "color-background"}, "align": "center"}
     defaults["thresholds"] = {
         "mode": "absolute",
         "steps": steps or [{"color": "green", "value": None}],
     }
     if steps and panel.kind != "timeseries":
         defaults["color"] = {"mode": "thresholds"}
-    return {
+    table = panel.kind == "table"
+    out = {
         "id": panel_id,
         "type": panel.kind,
         "title": panel.title,
         "description": description,
         "datasource": DATASOURCE,
-        "gridPos": {"x": x, "y": y, "w": _PANEL_WIDTH, "h": _PANEL_HEIGHT},
-        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "gridPos": {"x": x, "y": y, "w": panel.width, "h": _PANEL_HEIGHT},
+        "fieldConfig": {"defaults": defaults, "overrides": list(panel.overrides)},
         "options": options,
         "targets": [
             {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": q.expr,
-             "legendFormat": q.legend, "range": True, "instant": False}  # fmt: skip
+             "legendFormat": q.legend, "range": not table, "instant": table}  # fmt: skip
+            | ({"format": "table"} if table else {})
             for i, q in enumerate(queries)
         ],
     }
+    if panel.transformations:
+        out["transformations"] = list(panel.transformations)
+    return out
 
 
 def render_dashboard(targets: TargetsConfig) -> dict[str, Any]:
@@ -340,11 +414,13 @@ def render_dashboard(targets: TargetsConfig) -> dict[str, Any]:
             "gridPos": {"x": 0, "y": y, "w": 24, "h": 1}, "panels": [],
         })  # fmt: skip
         y += 1
-        for i, panel in enumerate(row_panels):
-            x = (i % _PER_ROW) * _PANEL_WIDTH
-            row_y = y + (i // _PER_ROW) * _PANEL_HEIGHT
-            panels.append(_panel_json(panel, len(panels) + 1, x, row_y, targets.targets))
-        y += -(-len(row_panels) // _PER_ROW) * _PANEL_HEIGHT
+        x = 0
+        for panel in row_panels:  # left to right, wrapping at the grid's 24 columns
+            if x + panel.width > _GRID_WIDTH:
+                x, y = 0, y + _PANEL_HEIGHT
+            panels.append(_panel_json(panel, len(panels) + 1, x, y, targets.targets))
+            x += panel.width
+        y += _PANEL_HEIGHT
     return {
         "uid": DASHBOARD_UID,
         "title": "Loyalty KPIs",

@@ -4,7 +4,8 @@ A Prometheus of its own (the Debian ``prometheus`` binary, on a free port, with 
 storage directory and a config written here) scrapes one ``stream-kpis worker`` every second
 as ``job="stream-kpis"`` and evaluates the repository's rule file
 (``deploy/prometheus/rules/stream-kpis.rules.yml``) every second. The worker reads a
-generated stream (400 members, 120 days, event clock, points valid for 30 days) from the real
+generated stream (400 members, 120 days, event clock, points valid for 30 days, every segment
+dimension with a segment_limit of 10, below the 40 stores of the generator) from the real
 broker, in two batches: the first ends in as-of bucket K1, the second in K2 = K1 + 7 days. So
 the exporter has evaluated the KPIs at K2 - 7d, which churn_reduction needs (a live exporter
 only remembers the as-of buckets it evaluated at), and the counters and the latency histogram
@@ -23,7 +24,9 @@ can show.
 
 Besides, every ``loyalty_<kpi>`` gauge of the KPI catalogue and every operational
 ``stream_kpis_*`` metric of the contract must have been scraped, and ``/api/v1/rules`` must list
-the rule file's groups with every rule's health ``ok``.
+the rule file's groups with every rule's health ``ok``. Per segment dimension, Prometheus must
+hold the segment_limit values (or all, if fewer) and count the others, as many as a replay of
+the same events through the core has.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ import orjson
 import pytest
 import yaml
 
+from stream_kpis.core import Processor
+from stream_kpis.core.catalogue import KPIS, MEMBER_DIMENSIONS, SEGMENT_DIMENSIONS
 from stream_kpis.core.events import DeadLetter, EventParser
 from stream_kpis.core.timebase import as_of_time
 from stream_kpis.generate import GeneratorConfig, write_jsonl
@@ -67,7 +72,10 @@ OPERATIONAL_METRICS = (
     "stream_kpis_table_rows", "stream_kpis_kpi_emissions_total",
     "stream_kpis_last_emit_timestamp_seconds", "stream_kpis_global_exporter",
     "stream_kpis_signals_total", "stream_kpis_redis_errors_total",
+    "stream_kpis_segment_values_dropped",
 )  # fmt: skip
+#: [kpis] segment_limit of the worker: fewer than the generator's 40 stores.
+SEGMENT_LIMIT = 10
 #: churn_reduction needs an evaluation exactly one window before the last one: this window.
 HISTORY_WINDOW_DAYS = 7
 #: How long the queries may take to see everything once the worker has caught up.
@@ -269,6 +277,8 @@ def wait_for_as_of(stack: LiveStack, bucket: int, timeout: float = 60) -> None:
 class Deployment:
     stack: LiveStack
     prometheus: PrometheusServer
+    sent: list[tuple[str, bytes | None, bytes]]  # every message the worker read
+    k2: int
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +286,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str
                ) -> Iterator[Deployment]:
     tmp = tmp_path_factory.mktemp("prometheus")
     config = tmp / "stream-kpis.toml"
-    config.write_text('[kpis]\npoints_validity = "30d"\n')  # expired points, breakage_rate
+    segments = ", ".join(f'"{dimension}"' for dimension in SEGMENT_DIMENSIONS)
+    config.write_text('[kpis]\npoints_validity = "30d"\n'  # expired points, breakage_rate
+                      f"segments = [{segments}]\nsegment_limit = {SEGMENT_LIMIT}\n"
+                      "[clv]\n")  # the CLV KPIs (SPEC 4.4) are on only with a [clv] table
     (tmp / "stack").mkdir()
     stack = LiveStack(tmp / "stack", kafka_bootstrap, extra_env={"STREAM_KPIS_CONFIG": str(config)})
     prometheus = None
@@ -298,7 +311,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str
         scraped = f'timestamp(stream_kpis_global_exporter{{job="{JOB}"}}) > {seen_at}'
         wait_until(lambda: has_data(prometheus.query(scraped)), 30, "a scrape after K2",
                    prometheus.log_tail)
-        yield Deployment(stack, prometheus)
+        yield Deployment(stack, prometheus, first + second, k2)
     finally:
         if prometheus is not None:
             prometheus.stop()
@@ -319,6 +332,49 @@ def test_dashboard_queries_run_and_find_data(deployment: Deployment) -> None:
     assert len(exprs) > 40
     checks = check_all(deployment.prometheus, exprs)
     assert all(c.ok for c in checks), describe_failures(checks)
+
+
+def test_segment_values_beyond_the_limit_are_left_out_and_counted(deployment: Deployment
+                                                                 ) -> None:
+    """Per dimension: min(segment_limit, values) values in Prometheus, the rest counted in
+    stream_kpis_segment_values_dropped; the values are those of the core on the same events."""
+    settings = deployment.stack.settings
+    assert settings.segments == SEGMENT_DIMENSIONS and settings.segment_limit == SEGMENT_LIMIT
+    processor = Processor(settings)
+    parser = EventParser(settings.max_event_bytes, settings.max_skew_ms)
+    for _, _, value in deployment.sent:
+        item = parser.parse(value)
+        if not isinstance(item, DeadLetter):
+            processor.process(item)
+    values: dict[str, set[str]] = {dimension: set() for dimension in SEGMENT_DIMENSIONS}
+    for record in processor.evaluate(deployment.k2):
+        for dimension, value in record.get("labels", {}).items():
+            if KPIS[record["kpi"]].segment is not None and dimension in values:
+                values[dimension].add(value)
+    assert len(values["store_id"]) > SEGMENT_LIMIT  # the limit is exercised
+
+    def in_prometheus() -> dict[str, tuple[set[str], float | None]]:
+        seen = {}
+        for dimension in SEGMENT_DIMENSIONS:
+            kind = "member" if dimension in MEMBER_DIMENSIONS else "order"
+            names = "|".join(kpi.name for kpi in KPIS.values() if kpi.segment == kind)
+            answer = deployment.prometheus.query(  # not new_members{channel}: its own label
+                f'count by ({dimension}) '
+                f'({{__name__=~"loyalty_({names})",job="{JOB}",{dimension}!=""}})')
+            dropped = deployment.prometheus.query(
+                f'stream_kpis_segment_values_dropped{{job="{JOB}",dimension="{dimension}"}}')
+            seen[dimension] = ({r["metric"][dimension] for r in answer["data"]["result"]},
+                               float(dropped["data"]["result"][0]["value"][1])
+                               if dropped["data"]["result"] else None)
+        return seen
+
+    def as_expected() -> bool:
+        return all(len(shown) == min(SEGMENT_LIMIT, len(values[d])) and shown <= values[d]
+                   and dropped == len(values[d]) - len(shown)
+                   for d, (shown, dropped) in in_prometheus().items())
+
+    wait_until(as_expected, SETTLE_TIMEOUT_S, "segment values as the core has them",
+               lambda: f"core: {values}\nprometheus: {in_prometheus()}")
 
 
 @pytest.mark.parametrize("histogram", [
@@ -371,9 +427,10 @@ def test_render_charts_draws_every_chart(deployment: Deployment, tmp_path: Path)
     assert done.returncode == 0, done.stdout + done.stderr
     drawn = dict(re.findall(r"/([\w]+)\.png: (\d+) series", done.stdout))
     charts = {"active_rate", "redemption_rate", "churn_rate", "repeat_purchase_rate", "aov",
-              "points_liability", "nps", "new_members"}
+              "points_liability", "nps", "new_members", "cohort_retention"}
     assert drawn.keys() == charts
     assert int(drawn["aov"]) == 2 and int(drawn["new_members"]) >= 3, drawn  # member/guest, channels
+    assert int(drawn["cohort_retention"]) >= 4, drawn  # 120 days: at least 4 enrollment months
     assert all(int(n) >= 1 for n in drawn.values()), drawn
     for name in [*charts, "overview"]:
         assert (tmp_path / f"{name}.png").read_bytes().startswith(b"\x89PNG")

@@ -60,6 +60,7 @@ points_liability expired_points points_expiring breakage_rate churned_members ch
 retention_rate churn_reduction one_and_done_rate repeat_purchase_rate aov_member aov_guest
 member_spend_lift member_revenue_share avg_margin_member avg_margin_guest margin_lift
 avg_lifetime_spend survey_responses nps nps_member nps_guest csat feedback_mentions
+cohort_size cohort_retention
 """.split()
 CONTRACT_OPERATIONAL = """
 stream_kpis_events_total stream_kpis_dead_letters_total stream_kpis_duplicates_total
@@ -69,13 +70,13 @@ stream_kpis_event_lag_seconds_sum stream_kpis_event_lag_seconds_count
 stream_kpis_watermark_lag_seconds stream_kpis_consumer_lag_messages stream_kpis_table_rows
 stream_kpis_kpi_emissions_total stream_kpis_last_emit_timestamp_seconds stream_kpis_global_exporter
 stream_kpis_signals_total stream_kpis_redis_errors_total
-stream_kpis_lost_commits_total stream_kpis_stalled_partitions
+stream_kpis_lost_commits_total stream_kpis_stalled_partitions stream_kpis_segment_values_dropped
 """.split()
 CONTRACT_METRICS = {f"loyalty_{kpi}" for kpi in CONTRACT_KPIS} | set(CONTRACT_OPERATIONAL) | {"up"}
 
 
 def test_contract_lists_are_complete():
-    assert len(CONTRACT_KPIS) == len(set(CONTRACT_KPIS)) == 37
+    assert len(CONTRACT_KPIS) == len(set(CONTRACT_KPIS)) == 39
 
 
 # --------------------------------------------------------------------------- docker-compose
@@ -471,6 +472,31 @@ def test_dashboard_draws_every_goal(dashboard):
         else:
             exprs = [t["expr"] for p in showing for t in p["targets"]]
             assert any(f"offset {target.per}" in e for e in exprs), f"trend goal {target.kpi} not drawn"
+
+
+def test_retention_table_and_segment_panels(dashboard):
+    """The retention triangle (SPEC 4.3) as a Grafana table: instant queries in table format,
+    turned into a cohort x age matrix with the cohort size as the first column; the segment
+    panels read one series per dimension value (SPEC 4.2)."""
+    panels = {p["title"]: p for p in all_panels(dashboard["panels"])}
+    table = panels["Retention by enrollment month"]
+    assert table["type"] == "table" and table["gridPos"]["w"] == 24
+    (target,) = table["targets"]
+    assert target["instant"] and not target["range"] and target["format"] == "table"
+    assert promql_metric_names(target["expr"]) == {"loyalty_cohort_retention", "loyalty_cohort_size"}
+    assert '"age", "members"' in target["expr"]  # the size becomes the "members" column
+    matrix, organize = table["transformations"]
+    assert matrix == {"id": "groupingToMatrix",
+                      "options": {"columnField": "age", "rowField": "cohort", "valueField": "Value"}}
+    order = organize["options"]["indexByName"]
+    assert [order["cohort\\age"], order["members"], order["0"], order["11"]] == [0, 1, 2, 13]
+    for title, kpi, dimension in [("Active rate by tier", "active_rate", "tier"),
+                                  ("Churn rate by home store", "churn_rate", "home_store"),
+                                  ("Member spend lift by store", "member_spend_lift", "store_id")]:
+        (expr, *goals) = [t["expr"] for t in panels[title]["targets"]]
+        assert f'loyalty_{kpi}{{' in expr and f'{dimension}!=""' in expr, expr
+        assert f"by (window, {dimension})" in expr
+        assert panels[title]["targets"][0]["legendFormat"] == f"{{{{{dimension}}}}}"
 
 
 def test_committed_dashboard_is_up_to_date(monkeypatch):
