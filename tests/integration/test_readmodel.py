@@ -19,17 +19,22 @@ from pathlib import Path
 import pytest
 import redis
 
+from stream_kpis.core.catalogue import SEGMENT_DIMENSIONS
 from stream_kpis.live.readmodel import (
     ReadModel,
     at_risk_members,
+    kpi_key,
     read_kpi,
     read_member,
 )
+from stream_kpis.replay import load_sources, replay
+from stream_kpis.settings import load_settings
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 
 AS_OF = "2024-01-31T00:00:00Z"
+GUIDE_EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "kpi-guide.toml"
 # 2024-01-01T00:00:00Z is 19723 days (54 years, 13 of them leap) after the epoch.
 JAN_1_2024 = 19723 * 86400
 
@@ -145,6 +150,35 @@ def test_kpi_hashes_are_written_with_as_of(redis_url, client, prefix):
         assert read_kpi(client, prefix, record["kpi"], record["window"],
                         record.get("labels")) == record
     assert read_kpi(client, prefix, "members", "30d") is None
+
+
+def test_segment_and_cohort_records_each_get_their_own_key(redis_url, client, prefix):
+    """SPEC 4.2 and 4.3: ``members`` for the whole program, per tier, per home store ... and
+    every cohort_retention cell are separate series; none overwrites another in Redis."""
+    settings = load_settings(GUIDE_EXAMPLE, env={}).with_overrides(segments=SEGMENT_DIMENSIONS)
+    records = replay(load_sources(GUIDE_EXAMPLE), settings).records
+    keys = {kpi_key(prefix, r["kpi"], r["window"], r.get("labels")) for r in records}
+    assert len(keys) == len(records)
+
+    async def scenario():
+        model = ReadModel.from_url(redis_url, prefix=prefix)
+        model.publish_kpis(records)
+        assert model.pending_kpis == len(records)  # nothing coalesced
+        assert await model.flush() is True
+        await model.aclose()
+
+    asyncio.run(scenario())
+    assert len(client.keys(f"{prefix}kpi:*")) == len(records)
+    for record in records:
+        got = read_kpi(client, prefix, record["kpi"], record["window"], record.get("labels"))
+        assert got == record
+    # the example's numbers (docs/kpi-guide.md): 9 members, 7 of them silver; a 2024-03 cohort of
+    # 4 of whom 3 came back in April
+    assert client.hget(f"{prefix}kpi:members:-", "value") == "9"
+    assert client.hget(f"{prefix}kpi:members:-:tier=silver", "value") == "7"
+    assert client.hgetall(f"{prefix}kpi:cohort_retention:-:age=1:cohort=2024-03") == {
+        "value": "0.75", "numerator": "3", "denominator": "4", "as_of": "2024-05-01T00:00:00Z"}
+    assert client.hget(f"{prefix}kpi:aov_member:30d:store_id=lisboa", "value") == "95.0"
 
 
 def test_latest_kpi_wins_and_stale_fields_vanish(redis_url, client, prefix):
