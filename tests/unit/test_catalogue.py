@@ -1,7 +1,10 @@
 """The KPI catalogue against the SPEC, the core's records, the README table and the KPI guide.
 
-The SPEC lists below are copied from SPEC.md sections 4.2 and 6 by hand, not from the catalogue;
-the records come from replaying tests/data/events.jsonl through the core.
+The SPEC lists below are copied from SPEC.md sections 4, 4.2, 4.3, 4.4 and 6 by hand, not from the
+catalogue; the records come from replaying tests/data/events.jsonl through the core with every
+segment dimension and CLV on. Everything else (counts, label sets, the derived views) is derived
+from the catalogue, so a KPI added to the SPEC and the catalogue needs no edit here beyond the
+SPEC lists.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ import pytest
 from stream_kpis.core.catalogue import (
     CATALOGUE,
     KPIS,
+    MEMBER_DIMENSIONS,
+    ORDER_DIMENSIONS,
+    SEGMENT_DIMENSIONS,
     SEGMENT_KINDS,
     TOPIC_KEYS,
     UNITS,
     formula_table,
+    label_names,
 )
 from stream_kpis.core.kpis import KPI_TOPICS
 from stream_kpis.live import metrics
@@ -42,10 +49,17 @@ SPEC_TOPICS = {
                      member_revenue_share avg_margin_member avg_margin_guest margin_lift
                      avg_lifetime_spend""",
     "satisfaction": "survey_responses nps nps_member nps_guest csat feedback_mentions",
+    "cohorts": "cohort_size cohort_retention",
+    "clv": "clv_param expected_active_members predicted_purchases predicted_revenue",
 }
-# SPEC section 6: the labelled KPIs and their labels (section 4: new_members_w{channel}, ...).
+# SPEC sections 4, 4.3, 4.4 and 6: the labelled KPIs and their labels (new_members_w{channel},
+# cohort_retention{cohort, age}, clv_param{model, param}, ...).
 SPEC_LABELS = {"new_members": ("channel",), "tier_members": ("tier",),
-               "feedback_mentions": ("lexicon", "term")}
+               "feedback_mentions": ("lexicon", "term"), "cohort_size": ("cohort",),
+               "cohort_retention": ("cohort", "age"), "clv_param": ("model", "param")}
+# SPEC section 4.2: the dimensions of each kind.
+SPEC_DIMENSIONS = {"member": ("tier", "enrollment_channel", "home_store"),
+                   "order": ("channel", "store_id")}
 # SPEC section 4.2: the KPIs each kind of segment dimension applies to.
 SPEC_SEGMENTS = {
     "member": """members active_members active_rate redeemers redemption_rate
@@ -62,7 +76,8 @@ WINDOWS = ("7d", "30d", "90d")  # the default windows; all of them within the 90
 
 def test_names_are_unique_metric_names():
     names = [kpi.name for kpi in CATALOGUE]
-    assert len(names) == len(set(names)) == len(KPIS) == 37
+    spec_names = [name for names in SPEC_TOPICS.values() for name in names.split()]
+    assert len(names) == len(set(names)) == len(KPIS) == len(spec_names)
     for name in names:
         assert re.fullmatch(r"[a-z][a-z_]*[a-z]", name), name
 
@@ -78,6 +93,11 @@ def test_labels_and_segments_are_those_of_the_spec():
     for kind, names in SPEC_SEGMENTS.items():
         assert sorted(kpi.name for kpi in CATALOGUE if kpi.segment == kind) == sorted(names.split())
     assert {kpi.segment for kpi in CATALOGUE} == set(SEGMENT_KINDS)
+    assert (MEMBER_DIMENSIONS, ORDER_DIMENSIONS) == (SPEC_DIMENSIONS["member"],
+                                                     SPEC_DIMENSIONS["order"])
+    assert SEGMENT_DIMENSIONS == MEMBER_DIMENSIONS + ORDER_DIMENSIONS
+    # a segment label never collides with a label the KPI carries of its own
+    assert not {label for kpi in CATALOGUE if kpi.segment for label in kpi.labels}
 
 
 @pytest.mark.parametrize("kpi", CATALOGUE, ids=lambda kpi: kpi.name)
@@ -101,7 +121,11 @@ def test_derived_views_agree_with_the_catalogue():
     names = set(KPIS)
     assert KPI_TOPICS == {kpi.name: kpi.topic for kpi in CATALOGUE}
     assert metrics.KPI_HELP == {kpi.name: kpi.help for kpi in CATALOGUE}
-    assert metrics.KPI_LABEL_NAMES == {"window", "channel", "tier", "lexicon", "term"}
+    assert metrics.KPI_LABEL_NAMES == {"window"} | label_names() | set(SEGMENT_DIMENSIONS)
+    spec_labels = {label for labels in SPEC_LABELS.values() for label in labels}
+    assert metrics.KPI_LABEL_NAMES == {"window"} | spec_labels | {
+        dimension for dimensions in SPEC_DIMENSIONS.values() for dimension in dimensions}
+    assert "member_id" not in metrics.KPI_LABEL_NAMES
     assert alerts.ALL_KPIS == names
     assert alerts.WINDOWED_KPIS == {kpi.name for kpi in CATALOGUE if kpi.windowed}
     assert alerts.UNWINDOWED_KPIS == names - alerts.WINDOWED_KPIS
@@ -114,7 +138,8 @@ def test_derived_views_agree_with_the_catalogue():
 @pytest.fixture(scope="module")
 def records() -> list[dict]:
     settings = Settings(points_validity_ms=30 * 86_400_000,
-                        lexicons={"motivation": ("rewards", "discount"), "friction": ("slow",)})
+                        lexicons={"motivation": ("rewards", "discount"), "friction": ("slow",)},
+                        segments=SEGMENT_DIMENSIONS, clv=True)
     result = replay([source_for_path(EVENTS)], settings)
     assert result.applied > 0
     return result.records
@@ -127,12 +152,21 @@ def test_core_emits_every_catalogue_kpi_and_no_other(records):
 
 
 def test_core_records_have_the_catalogue_window_and_labels(records):
+    """A record carries its KPI's own labels, or (a segment record, SPEC 4.2) exactly one
+    dimension of the KPI's segment kind; every segmented KPI is emitted for every dimension."""
+    dimensions = dict(zip(("member", "order"), (MEMBER_DIMENSIONS, ORDER_DIMENSIONS), strict=True))
     windows: dict[str, set] = {}
+    segmented: dict[str, set] = {}
     for record in records:
         kpi = KPIS[record["kpi"]]
         assert (record["window"] is not None) == kpi.windowed, record
-        assert tuple(record.get("labels", {})) == kpi.labels, record
+        labels = set(record.get("labels", {}))
+        if labels != set(kpi.labels):
+            (dimension,) = labels
+            assert kpi.segment is not None and dimension in dimensions[kpi.segment], record
+            segmented.setdefault(kpi.name, set()).add(dimension)
         windows.setdefault(kpi.name, set()).add(record["window"])
+    assert segmented == {kpi.name: set(dimensions[kpi.segment]) for kpi in CATALOGUE if kpi.segment}
     for name, seen in windows.items():
         assert seen == (set(WINDOWS) if KPIS[name].windowed else {None}), name
 

@@ -10,16 +10,22 @@ The guide states the numbers of its example (docs/examples/) in fenced blocks th
   last_touch=... [points=... expires_at=...]``; in a variant's block each line starts with ``-`` or
   ``+``: the change from the main example's list.
 
-Variants: none (the main example, ``kpi-guide.toml``), ``no-expiry`` (``kpi-guide-no-expiry.toml``)
-and ``on-time`` (the main example with orders.csv in time order, so the late receipt is in its
-place). The numbers in the guide were worked out by hand from SPEC.md (the reasoning is written
-next to them), not copied from the tool's output; this test is what keeps the two in step.
+Variants: none (the main example, ``kpi-guide.toml``), ``no-expiry`` (``kpi-guide-no-expiry.toml``),
+``on-time`` (the main example with orders.csv in time order, so the late receipt is in its
+place) and ``segments`` (``kpi-guide-segments.toml``: the main example with ``[kpis] segments``,
+whose blocks state some of the segment records it adds). The numbers in the guide were worked out
+by hand from SPEC.md (the reasoning is written next to them), not copied from the tool's output;
+this test is what keeps the two in step.
+
+A ```` ```console ```` block whose first line is ``$ stream-kpis cohorts ...`` is followed by that
+command's exact standard output.
 """
 
 from __future__ import annotations
 
 import csv
 import re
+import shlex
 import shutil
 import tomllib
 from collections import Counter
@@ -39,7 +45,9 @@ ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "kpi-guide.md"
 EXAMPLES = ROOT / "docs" / "examples"
 MAIN = "main"
-CONFIGS = {MAIN: "kpi-guide.toml", "no-expiry": "kpi-guide-no-expiry.toml", "on-time": "kpi-guide.toml"}
+SEGMENTS = "segments"
+CONFIGS = {MAIN: "kpi-guide.toml", "no-expiry": "kpi-guide-no-expiry.toml", "on-time": "kpi-guide.toml",
+           SEGMENTS: "kpi-guide-segments.toml"}
 SIGNAL_TYPES = {"at_risk", "churned", "reactivated", "points_expiring"}
 
 _BLOCK = re.compile(r"^```(kpi|signals)(?:[ \t]+([\w-]+))?[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
@@ -52,6 +60,7 @@ _SIGNAL_LINE = re.compile(
     r"last_touch=(?P<touch>\S+)(?:[ \t]+points=(?P<points>\d+)[ \t]+expires_at=(?P<expires>\S+))?"
     r"[ \t]*$")
 _SUMMARY_LINE = re.compile(r"^applied \d+ events.*$", re.M)
+_COHORTS_BLOCK = re.compile(r"^```console\n\$ stream-kpis (cohorts [^\n]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 
 Key = tuple[str, str | None, tuple[tuple[str, str], ...]]
 SignalRow = tuple[str, str, str, str, int | None, str | None]
@@ -252,7 +261,7 @@ def test_guide_states_every_record_of_the_example(runs):
     assert {key[0] for key in replayed} == set(KPI_TOPICS)
 
 
-@pytest.mark.parametrize("variant", [v for v in CONFIGS if v != MAIN])
+@pytest.mark.parametrize("variant", [v for v in CONFIGS if v not in (MAIN, SEGMENTS)])
 def test_variant_differs_only_where_the_guide_says(runs, variant):
     """The guide says that every number it does not restate for a variant is the main example's."""
     stated = {s.key for s in STATEMENTS if s.variant == variant}
@@ -263,6 +272,36 @@ def test_variant_differs_only_where_the_guide_says(runs, variant):
         assert other[key] == main[key], key
     for key in stated:
         assert other[key] != main[key], f"{variant} restates {key} but it is the same as the main example"
+
+
+def test_segments_variant_adds_segment_records_and_changes_nothing_else(runs):
+    """The segments config adds one record per KPI and value of its dimensions (the guide states
+    some of them); every record of the main example stays as it is."""
+    main, segmented = runs[MAIN].records, runs[SEGMENTS].records
+    assert {key: segmented[key] for key in main} == main
+    added = set(segmented) - set(main)
+    config = tomllib.loads((EXAMPLES / CONFIGS[SEGMENTS]).read_text(encoding="utf-8"))
+    assert {label for _, _, labels in added for label, _ in labels} == set(config["kpis"]["segments"])
+    assert all(len(labels) == 1 for _, _, labels in added)
+    stated = {s.key for s in STATEMENTS if s.variant == SEGMENTS}
+    assert stated and stated <= added
+    assert {labels[0][0] for _, _, labels in stated} == set(config["kpis"]["segments"])
+
+
+COHORT_COMMANDS = _COHORTS_BLOCK.findall(GUIDE_TEXT)
+
+
+def test_guide_shows_the_cohorts_command():
+    assert COHORT_COMMANDS
+
+
+@pytest.mark.parametrize("command, output", COHORT_COMMANDS, ids=[c for c, _ in COHORT_COMMANDS])
+def test_stated_cohorts_output_equals_the_command(command, output, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the guide's commands run from the repository root
+    result = CliRunner().invoke(cli, [*shlex.split(command), "--no-progress"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == output
 
 
 def _stated_signals(variant: str) -> list[SignalRow]:
