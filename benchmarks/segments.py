@@ -1,0 +1,228 @@
+"""Issue 14 at scale: segments and cohorts with 1M members, 50 stores and 3 tiers (core only).
+
+Synthetic events go straight into core Processors, one per partition (8 by default, members
+hashed to them like Kafka keys), with ``[kpis] segments`` = all five dimensions and the default
+cohorts (12 x 12); then, as the live exporter does at each emission, every partition's partial
+(``Aggregates.to_bytes``) is decoded, merged and evaluated (``evaluate_kpis``). Printed:
+
+- ``maxrss``: the process's peak RSS (``resource.getrusage``), all member states held in dicts as
+  in a replay (a live worker keeps them in its RocksDB store behind a bounded cache, so this is
+  an upper bound of what segments cost a worker), and ``rss`` just before the emissions;
+- the partial of each partition: bytes (min / max), the encode time, the memory one partial
+  takes once decoded (``tracemalloc``), and the bytes of partition 0's partial by dimension;
+- per emission: decoding the partials, merging them, ``evaluate_kpis`` (median of 5), records.
+
+``--segments none`` runs the same without segments, for comparison; ``--compare`` runs both, each
+in a fresh process (RSS is per process), and prints one table. Not part of ``run.py``.
+
+Data, per member (members enroll evenly over 330 days from 2024-01-01, in that order): an
+enrollment with a channel (web/app/store/partner) and a tier (bronze 70 %, silver 22 %, gold 8 %);
+a first purchase 0-20 days later at one of 50 stores (its home store) with a channel and the tier;
+40 % a second purchase 5-60 days later (20 % of those at another store, 10 % of them carrying a
+tier upgrade); 20 % a redemption; one guest purchase per 5 members. Events of a member arrive in
+time order, members one after the other (event time moves forward by enrollment).
+
+    .venv/bin/python benchmarks/segments.py --compare                # 1M members, ~3 min
+    .venv/bin/python benchmarks/segments.py --members 100000 --segments none
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stream_kpis.core import Processor, evaluate_kpis  # noqa: E402
+from stream_kpis.core.catalogue import SEGMENT_DIMENSIONS  # noqa: E402
+from stream_kpis.core.events import Event  # noqa: E402
+from stream_kpis.core.kpis import Aggregates  # noqa: E402
+from stream_kpis.settings import Settings  # noqa: E402
+
+DAY_MS = 86_400_000
+START_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
+STORES = tuple(f"store-{i:02d}" for i in range(1, 51))
+TIERS = ("bronze",) * 70 + ("silver",) * 22 + ("gold",) * 8
+ENROLL_CHANNELS = ("web", "app", "store", "partner")
+PURCHASE_CHANNELS = ("store", "store", "store", "web", "app")
+EMISSIONS = 5
+
+
+def events(members: int, seed: int) -> Iterator[Event]:
+    """The synthetic stream described in the module docstring."""
+    rng = random.Random(seed)
+    rand, choice = rng.random, rng.choice
+    for m in range(members):
+        member = f"m{m:07d}"
+        enrolled = START_MS + int(330 * DAY_MS * m / members) + int(rand() * DAY_MS)
+        tier = choice(TIERS)
+        yield Event("enrollment", f"e{m}", member, enrolled, channel=choice(ENROLL_CHANNELS),
+                    tier=tier)
+        store = choice(STORES)
+        first = enrolled + int(rand() * 20 * DAY_MS)
+        amount = round(10 + rand() * 90, 2)
+        yield Event("purchase", f"p{m}", member, first, amount=amount, points=int(amount),
+                    margin=round(amount * 0.3, 2), channel=choice(PURCHASE_CHANNELS),
+                    store_id=store, tier=tier)
+        if rand() < 0.4:
+            later = first + int((5 + rand() * 55) * DAY_MS)
+            upgrade = "silver" if tier == "bronze" else "gold"
+            amount = round(10 + rand() * 90, 2)
+            yield Event("purchase", f"q{m}", member, later, amount=amount, points=int(amount),
+                        channel=choice(PURCHASE_CHANNELS),
+                        store_id=choice(STORES) if rand() < 0.2 else store,
+                        tier=upgrade if rand() < 0.1 else None)
+        if rand() < 0.2:
+            yield Event("redemption", f"r{m}", member, first + int(rand() * 30 * DAY_MS),
+                        points=1 + int(rand() * 20))
+        if m % 5 == 0:
+            amount = round(5 + rand() * 60, 2)
+            yield Event("purchase", f"g{m}", None, first + int(rand() * DAY_MS), amount=amount,
+                        channel=choice(("store", "web")), store_id=choice(STORES))
+
+
+def _rss_mib() -> float:
+    """The current resident set size (VmRSS), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(members: int, partitions: int, segments: bool, seed: int) -> dict[str, float]:
+    settings = Settings(segments=SEGMENT_DIMENSIONS if segments else ())
+    processors = [Processor(settings) for _ in range(partitions)]
+    start = time.perf_counter()
+    count = 0
+    for event in events(members, seed):
+        key = (event.member_id or event.event_id).encode()
+        processors[zlib.crc32(key) % partitions].process(event)
+        count += 1
+    ingest_s = time.perf_counter() - start
+    rss = _rss_mib()
+    encode_s, partials = [], []
+    for processor in processors:
+        t0 = time.perf_counter()
+        partials.append(processor.aggs.to_bytes())
+        encode_s.append(time.perf_counter() - t0)
+    K = max(p.as_of_bucket() for p in processors)
+    by_dimension = {dimension: sum(len(segment.to_bytes())
+                                   for key, segment in processors[0].aggs.segments.items()
+                                   if key.split("\t", 1)[0] == dimension) / 1024
+                    for dimension in settings.segments}
+    tracemalloc.start()
+    one = Aggregates.from_bytes(partials[0])
+    decoded_mib = tracemalloc.get_traced_memory()[0] / 2**20
+    tracemalloc.stop()
+    del one
+    decode, merge, evaluate = [], [], []
+    records: list[dict] = []
+    for _ in range(EMISSIONS):
+        t0 = time.perf_counter()
+        parts = [Aggregates.from_bytes(data) for data in partials]
+        t1 = time.perf_counter()
+        merged = Aggregates.merged(parts)
+        t2 = time.perf_counter()
+        records = evaluate_kpis(settings, merged, K, {})
+        t3 = time.perf_counter()
+        decode.append(t1 - t0)
+        merge.append(t2 - t1)
+        evaluate.append(t3 - t2)
+        del parts, merged
+    return {
+        "members": members, "events": count, "events_per_s": count / ingest_s,
+        "rss_mib": rss, "maxrss_mib": _maxrss_mib(),
+        "partial_min_kib": min(map(len, partials)) / 1024,
+        "partial_max_kib": max(map(len, partials)) / 1024,
+        "encode_ms": 1000 * statistics.median(encode_s),
+        "decoded_mib": decoded_mib,
+        "by_dimension_kib": by_dimension,
+        "decode_ms": 1000 * statistics.median(decode),
+        "merge_ms": 1000 * statistics.median(merge),
+        "evaluate_ms": 1000 * statistics.median(evaluate),
+        "records": len(records),
+        "segment_records": sum(1 for r in records if set(r.get("labels", ())) & set(SEGMENT_DIMENSIONS)
+                               and r["kpi"] not in ("new_members", "tier_members")),
+        "cohort_records": sum(1 for r in records if r["kpi"].startswith("cohort_")),
+    }
+
+
+ROWS = (
+    ("events", "events", "{:,.0f}"),
+    ("ingest, events/s (one process, all partitions)", "events_per_s", "{:,.0f}"),
+    ("RSS after ingest, MiB", "rss_mib", "{:,.0f}"),
+    ("peak RSS (maxrss), MiB", "maxrss_mib", "{:,.0f}"),
+    ("partial of one partition, KiB (min / max)", ("partial_min_kib", "partial_max_kib"),
+     "{:,.0f} / {:,.0f}"),
+    ("encode one partial (to_bytes), ms", "encode_ms", "{:,.1f}"),
+    ("one partial decoded, MiB", "decoded_mib", "{:,.0f}"),
+    ("emission: decode all partials, ms", "decode_ms", "{:,.0f}"),
+    ("emission: merge, ms", "merge_ms", "{:,.0f}"),
+    ("emission: evaluate_kpis, ms", "evaluate_ms", "{:,.0f}"),
+    ("records per emission (segment / cohort)", ("records", "segment_records", "cohort_records"),
+     "{:,} ({:,} / {:,})"),
+)
+
+
+def table(results: dict[str, dict[str, float]], members: int, partitions: int) -> str:
+    names = list(results)
+    lines = [f"{members:,} members, {partitions} partitions, median of {EMISSIONS} emissions",
+             "",
+             "| " + " | ".join(["what", *names]) + " |",
+             "|" + "---|" * (len(names) + 1)]
+    for label, keys, fmt in ROWS:
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        cells = [fmt.format(*(results[name][k] for k in keys)) for name in names]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    for name, result in results.items():
+        if result["by_dimension_kib"]:
+            parts = ", ".join(f"{dimension} {kib:,.0f}"
+                              for dimension, kib in result["by_dimension_kib"].items())
+            lines.append(f"\n{name}: KiB of partition 0's partial by dimension: {parts}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, default=1_000_000)
+    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=14)
+    parser.add_argument("--segments", choices=("all", "none"), default="all")
+    parser.add_argument("--compare", action="store_true",
+                        help="run --segments none and all, each in its own process")
+    parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # one result line
+    args = parser.parse_args(argv)
+    if args.compare:
+        results = {}
+        for mode in ("none", "all"):
+            done = subprocess.run(
+                [sys.executable, __file__, "--members", str(args.members), "--partitions",
+                 str(args.partitions), "--seed", str(args.seed), "--segments", mode, "--raw"],
+                capture_output=True, text=True, check=True)
+            results[f"segments: {mode}"] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(table(results, args.members, args.partitions))
+        return 0
+    result = measure(args.members, args.partitions, args.segments == "all", args.seed)
+    if args.raw:
+        print(json.dumps(result))
+    else:
+        print(table({f"segments: {args.segments}": result}, args.members, args.partitions))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
