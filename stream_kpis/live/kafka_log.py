@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 #: Exit code of a worker that stopped on an internal error without committing its batch.
 EXIT_INTERNAL_ERROR = 70
 _MAX_BATCH_BYTES = 1_000_000  # the broker's default message.max.bytes is 1 MiB per batch
+#: A partition's partial with segments can be larger than a batch; the partials topic allows it.
+MAX_PARTIAL_BYTES = 64 << 20
 
 
 def state_topic(settings: Settings) -> str:
@@ -157,7 +159,7 @@ class KafkaStateLog:
         producer = AIOKafkaProducer(
             **self.config, transactional_id=f"{self.settings.app_id}-state-{partition}",
             enable_idempotence=True, acks="all", linger_ms=5, max_batch_size=_MAX_BATCH_BYTES,
-            max_request_size=_MAX_BATCH_BYTES + 65_536)
+            max_request_size=MAX_PARTIAL_BYTES)
         await producer.start()
         try:
             # the producer id comes with the first transaction: this is the moment every earlier

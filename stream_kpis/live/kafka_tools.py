@@ -113,7 +113,9 @@ def create_topics(settings: Settings, replication: int = 1) -> list[str]:
     # compacted; small segments so that compaction keeps the exporter's takeover read short
     compact = {"cleanup.policy": "compact", "segment.ms": "600000", "segment.bytes": "67108864",
                "min.cleanable.dirty.ratio": "0.1"}
-    wanted.append(NewTopic(f"{settings.app_id}-partials", 1, replication, topic_configs=compact))
+    partials = f"{settings.app_id}-partials"
+    wanted.append(NewTopic(partials, 1, replication,
+                           topic_configs={**compact, "max.message.bytes": _PARTIALS_MAX_BYTES}))
     admin = _admin(settings)
     created = []
     try:
@@ -126,6 +128,8 @@ def create_topics(settings: Settings, replication: int = 1) -> list[str]:
                 created.append(topic.name)
             except TopicAlreadyExistsError:
                 pass
+        if partials in existing:  # topics made by older versions: allow large partials
+            _set_topic_config(admin, partials, {"max.message.bytes": _PARTIALS_MAX_BYTES})
         counts = check_copartitioning(settings, admin)
         inputs = next(iter(counts.values()), settings.partitions)
         state = f"{settings.app_id}-state"
@@ -145,6 +149,20 @@ def create_topics(settings: Settings, replication: int = 1) -> list[str]:
     finally:
         admin.close()
     return created
+
+
+#: Partials with segments can be megabytes (see live/kafka_log.MAX_PARTIAL_BYTES).
+_PARTIALS_MAX_BYTES = str(64 << 20)
+
+
+def _set_topic_config(admin: Any, topic: str, configs: dict[str, str]) -> None:
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    try:
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
+    except Exception as exc:  # noqa: BLE001 (no ALTER permission: large partials then fail loudly)
+        logging.getLogger(__name__).warning("could not set %s on topic %s: %s", configs, topic,
+                                            exc)
 
 
 def check_copartitioning(settings: Settings, admin: Any = None) -> dict[str, int]:
