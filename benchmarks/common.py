@@ -38,8 +38,9 @@ BOOTSTRAP = f"127.0.0.1:{int(os.environ.get('KAFKA_PORT', 9092))}"
 BROKER_URL = f"kafka://{BOOTSTRAP}"
 
 __all__ = ["BOOTSTRAP", "BROKER_URL", "BenchTimeout", "Process", "Row", "admin", "bench_id",
-           "committed_total", "delete_topics", "end_offsets_total", "fast_path_supported",
-           "free_port", "kafka_version", "produce", "rss_bytes", "wait_until"]
+           "committed_total", "delete_topics", "end_offsets", "end_offsets_total", "free_port",
+           "kafka_version", "local_store_offset", "produce", "rss_bytes", "wait_until",
+           "worker_groups"]
 
 
 class BenchTimeout(RuntimeError):
@@ -103,6 +104,13 @@ def delete_topics(prefix: str) -> list[str]:
         client.close()
 
 
+def worker_groups(app_id: str) -> list[str]:
+    """The consumer groups a worker of ``app_id`` uses: its input group ``<app_id>-ingest``,
+    which holds the offsets committed in its transactions, the exporter role's group, and the
+    Faust app's own."""
+    return [f"{app_id}-ingest", f"{app_id}-exporter", app_id]
+
+
 def delete_groups(groups: Iterable[str]) -> None:
     """Delete the run's consumer groups (a group that never committed does not exist: ignored)."""
     client = admin()
@@ -127,6 +135,31 @@ def end_offsets_total(topics: Iterable[str], partitions: int) -> int:
         return sum(consumer.end_offsets(_partitions(topics, partitions)).values())
     finally:
         consumer.close()
+
+
+def end_offsets(topic: str, partitions: int) -> dict[int, int]:
+    """End offset of each partition of ``topic``."""
+    consumer = KafkaConsumer(bootstrap_servers=BOOTSTRAP, request_timeout_ms=30_000)
+    try:
+        ends = consumer.end_offsets(_partitions([topic], partitions))
+        return {tp.partition: offset for tp, offset in ends.items()}
+    finally:
+        consumer.close()
+
+
+def local_store_offset(path: Path) -> int | None:
+    """The state log offset a worker's local RocksDB store of one partition reflects (the
+    ``\\x00offset`` key of stream_kpis/live/store.py), read-only; None without a store."""
+    if not path.is_dir():
+        return None
+    from rocksdict import AccessType, Options, Rdict
+
+    db = Rdict(str(path), options=Options(raw_mode=True), access_type=AccessType.read_only())
+    try:
+        raw = db.get(b"\x00offset")
+        return None if raw is None else int(raw)
+    finally:
+        db.close()
 
 
 class GroupOffsets:
@@ -302,14 +335,6 @@ class Worker(Process):
     def check_alive(self) -> None:
         if not self.alive():
             raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
-
-
-def fast_path_supported() -> bool:
-    """Whether the worker reads STREAM_KPIS_FAST_PATH: some module other than fastpath.py
-    itself (whose error message names the variable) mentions it."""
-    package = REPO / "stream_kpis"
-    return any("FAST_PATH" in path.read_text(errors="replace")
-               for path in package.rglob("*.py") if path.name != "fastpath.py")
 
 
 def kafka_version() -> str:
