@@ -135,7 +135,7 @@ class ExporterConsumer:
     async def take_role(self) -> None:
         tp = TopicPartition(self.topic, 0)
         self.catch_up_to = (await self.consumer.end_offsets([tp]))[tp]
-        self.consumer.seek_to_beginning(tp)
+        await self.consumer.seek_to_beginning(tp)
         self.exporter = Exporter(self.settings)
         self.last_emit = 0.0
         log.info("global KPI exporter role: taken (reading %d partial records)", self.catch_up_to)
