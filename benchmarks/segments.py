@@ -8,9 +8,11 @@ cohorts (12 x 12); then, as the live exporter does at each emission, every parti
 - ``maxrss``: the process's peak RSS (``resource.getrusage``), all member states held in dicts as
   in a replay (a live worker keeps them in its RocksDB store behind a bounded cache, so this is
   an upper bound of what segments cost a worker), and ``rss`` just before the emissions;
-- the partial of each partition: bytes (min / max), the encode time, the memory one partial
+- the partial of each partition: ``aggs.to_bytes()`` bytes (min / max), the record the worker
+  publishes (``partial_value``: zlib-compressed) and the time to make it, the memory one partial
   takes once decoded (``tracemalloc``), and the bytes of partition 0's partial by dimension;
-- per emission: decoding the partials, merging them, ``evaluate_kpis`` (median of 5), records.
+- per emission: decoding the published partials (``parse_partial`` + ``Aggregates.from_bytes``),
+  merging them, ``evaluate_kpis`` (median of 5), records.
 
 ``--segments none`` runs the same without segments, for comparison; ``--compare`` runs both, each
 in a fresh process (RSS is per process), and prints one table. Not part of ``run.py``.
@@ -47,6 +49,7 @@ from stream_kpis.core import Processor, evaluate_kpis  # noqa: E402
 from stream_kpis.core.catalogue import SEGMENT_DIMENSIONS  # noqa: E402
 from stream_kpis.core.events import Event  # noqa: E402
 from stream_kpis.core.kpis import Aggregates  # noqa: E402
+from stream_kpis.live.partition import parse_partial, partial_value  # noqa: E402
 from stream_kpis.settings import Settings  # noqa: E402
 
 DAY_MS = 86_400_000
@@ -114,10 +117,11 @@ def measure(members: int, partitions: int, segments: bool, seed: int) -> dict[st
         count += 1
     ingest_s = time.perf_counter() - start
     rss = _rss_mib()
-    encode_s, partials = [], []
+    encode_s, raw, partials = [], [], []
     for processor in processors:
         t0 = time.perf_counter()
-        partials.append(processor.aggs.to_bytes())
+        raw.append(processor.aggs.to_bytes())
+        partials.append(partial_value(processor.max_ts, {}, raw[-1]))
         encode_s.append(time.perf_counter() - t0)
     K = max(p.as_of_bucket() for p in processors)
     by_dimension = {dimension: sum(len(segment.to_bytes())
@@ -125,7 +129,7 @@ def measure(members: int, partitions: int, segments: bool, seed: int) -> dict[st
                                    if key.split("\t", 1)[0] == dimension) / 1024
                     for dimension in settings.segments}
     tracemalloc.start()
-    one = Aggregates.from_bytes(partials[0])
+    one = Aggregates.from_bytes(raw[0])
     decoded_mib = tracemalloc.get_traced_memory()[0] / 2**20
     tracemalloc.stop()
     del one
@@ -133,7 +137,7 @@ def measure(members: int, partitions: int, segments: bool, seed: int) -> dict[st
     records: list[dict] = []
     for _ in range(EMISSIONS):
         t0 = time.perf_counter()
-        parts = [Aggregates.from_bytes(data) for data in partials]
+        parts = [Aggregates.from_bytes(parse_partial(value)[2]) for value in partials]
         t1 = time.perf_counter()
         merged = Aggregates.merged(parts)
         t2 = time.perf_counter()
@@ -146,8 +150,9 @@ def measure(members: int, partitions: int, segments: bool, seed: int) -> dict[st
     return {
         "members": members, "events": count, "events_per_s": count / ingest_s,
         "rss_mib": rss, "maxrss_mib": _maxrss_mib(),
-        "partial_min_kib": min(map(len, partials)) / 1024,
-        "partial_max_kib": max(map(len, partials)) / 1024,
+        "partial_min_kib": min(map(len, raw)) / 1024,
+        "partial_max_kib": max(map(len, raw)) / 1024,
+        "published_max_kib": max(map(len, partials)) / 1024,
         "encode_ms": 1000 * statistics.median(encode_s),
         "decoded_mib": decoded_mib,
         "by_dimension_kib": by_dimension,
@@ -168,9 +173,10 @@ ROWS = (
     ("peak RSS (maxrss), MiB", "maxrss_mib", "{:,.0f}"),
     ("partial of one partition, KiB (min / max)", ("partial_min_kib", "partial_max_kib"),
      "{:,.0f} / {:,.0f}"),
-    ("encode one partial (to_bytes), ms", "encode_ms", "{:,.1f}"),
+    ("published partial (zlib), max KiB", "published_max_kib", "{:,.0f}"),
+    ("encode one partial (to_bytes + zlib), ms", "encode_ms", "{:,.1f}"),
     ("one partial decoded, MiB", "decoded_mib", "{:,.0f}"),
-    ("emission: decode all partials, ms", "decode_ms", "{:,.0f}"),
+    ("emission: decode all partials (unzip + from_bytes), ms", "decode_ms", "{:,.0f}"),
     ("emission: merge, ms", "merge_ms", "{:,.0f}"),
     ("emission: evaluate_kpis, ms", "evaluate_ms", "{:,.0f}"),
     ("records per emission (segment / cohort)", ("records", "segment_records", "cohort_records"),
