@@ -172,7 +172,7 @@ def test_live_segments_cohorts_and_clv_equal_replay(tmp_path, kafka_bootstrap, s
     """With every segment dimension, cohorts and CLV on (a TOML config, as a user would set
     them), two workers publish what replay gives: the segment values and cohorts merge across
     partitions, and the exporter's CLV fit on the merged statistics equals replay's fit on one
-    processor (to the optimiser's tolerance, 1e-6 relative)."""
+    processor (to the optimiser's tolerance, SPEC 4.4: 1e-3 relative)."""
     config = tmp_path / "kpis.toml"
     config.write_text('[kpis]\nsegments = ["tier", "enrollment_channel", "home_store", "channel",'
                       ' "store_id"]\ncohorts = 6\ncohort_ages = 4\n\n[clv]\ntime_unit = "7d"\n'
@@ -199,9 +199,10 @@ CLV_KPIS = ("clv_param", "expected_active_members", "predicted_purchases", "pred
 
 
 def _equal_to_fit_tolerance(got: dict, want: dict) -> bool:
-    """Exact for every KPI but the fitted ones, which match to 1e-6 relative."""
+    """Exact for every KPI but the fitted ones, which match to the SPEC's 1e-3 relative (the fit is
+    exact to the optimiser's tolerance; a and b of BG/NBD are the least determined)."""
     if want["kpi"] not in CLV_KPIS:
         return records_equal(got, want)
     if got["as_of"] != want["as_of"] or (got["value"] is None) != (want["value"] is None):
         return False
-    return want["value"] is None or got["value"] == pytest.approx(want["value"], rel=1e-6)
+    return want["value"] is None or got["value"] == pytest.approx(want["value"], rel=1e-3)
