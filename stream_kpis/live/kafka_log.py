@@ -22,7 +22,7 @@ from aiokafka.errors import InvalidProducerEpoch, ProducerFenced
 
 from ..settings import Settings
 from .ingest import Fenced, Ingest
-from .kafka_tools import bootstrap_servers
+from .kafka_tools import connection_config
 from .partition import Commit, InputRecord
 
 __all__ = ["KafkaStateLog", "IngestConsumer", "aiokafka_config", "state_topic", "ingest_group"]
@@ -50,12 +50,7 @@ def ingest_group(settings: Settings) -> str:
 
 def aiokafka_config(settings: Settings) -> dict[str, Any]:
     """aiokafka connection and security settings from ours."""
-    config: dict[str, Any] = {"bootstrap_servers": bootstrap_servers(settings),
-                              "security_protocol": settings.kafka_security_protocol}
-    if settings.kafka_sasl_mechanism:
-        config.update(sasl_mechanism=settings.kafka_sasl_mechanism,
-                      sasl_plain_username=settings.kafka_username,
-                      sasl_plain_password=settings.kafka_password)
+    config = connection_config(settings)
     if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
         config["ssl_context"] = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
     return config

@@ -26,14 +26,21 @@ def bootstrap_servers(settings: Settings) -> str:
     return ",".join(part.split("://", 1)[-1] for part in settings.broker.replace(";", ",").split(","))
 
 
-def client_config(settings: Settings) -> dict[str, Any]:
-    """kafka-python security settings from ours."""
+def connection_config(settings: Settings) -> dict[str, Any]:
+    """Bootstrap servers, security protocol and SASL credentials, in the key names that
+    kafka-python and aiokafka share; each client adds its own form of the TLS CA."""
     config: dict[str, Any] = {"bootstrap_servers": bootstrap_servers(settings),
                               "security_protocol": settings.kafka_security_protocol}
     if settings.kafka_sasl_mechanism:
         config.update(sasl_mechanism=settings.kafka_sasl_mechanism,
                       sasl_plain_username=settings.kafka_username,
                       sasl_plain_password=settings.kafka_password)
+    return config
+
+
+def client_config(settings: Settings) -> dict[str, Any]:
+    """kafka-python security settings from ours."""
+    config = connection_config(settings)
     if settings.kafka_ssl_cafile:
         config["ssl_cafile"] = settings.kafka_ssl_cafile
     return config
