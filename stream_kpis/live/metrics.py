@@ -63,7 +63,7 @@ __all__ = [
     "render_latest",
 ]
 
-EVENT_OUTCOMES = frozenset({"applied", "duplicate", "redelivered", "dead_letter"})
+EVENT_OUTCOMES = frozenset({"applied", "duplicate", "dead_letter"})
 
 # The only label names a loyalty_* gauge may carry (SPEC section 6: low-cardinality labels
 # only): ``window``, the labels the catalogue gives the KPIs and the segment dimensions (SPEC
@@ -180,11 +180,6 @@ class WorkerMetrics:
                     f"unknown event outcome {outcome!r}; use one of {sorted(EVENT_OUTCOMES)}")
             child = self._event_children[key] = self.events.labels(topic, outcome)
         child.inc(n)
-
-    def count_redelivered(self, topic: str, n: int = 1) -> None:
-        """Count ``n`` records of ``topic`` delivered again after a crash or rebalance (their
-        effect is already in the state: nothing is applied twice)."""
-        self.count_events(topic, "redelivered", n)
 
     def count_applied(self, topic: str, n: int = 1) -> None:
         """Count ``n`` events of ``topic`` applied to the state."""

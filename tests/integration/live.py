@@ -70,7 +70,7 @@ def classify(records: Iterable[Record], settings: Settings) -> dict[Record, str]
     A record is a dead letter (its reason) when the parser rejects it or its Kafka key is not
     the member_id (event_id for guests); otherwise it is the FIRST delivery of its
     (type, member_id, event_id) in its partition, or a DUPLICATE of an earlier offset. FIRST
-    records end up ``applied`` (or ``redelivered`` when processed again after a crash).
+    records end up ``applied``.
     """
     parser = EventParser(settings.max_event_bytes, settings.max_skew_ms)
     kinds = {name: kind for kind, name in settings.topics.inputs().items()}
@@ -131,7 +131,7 @@ class Worker:
 
     def outcomes(self) -> dict[str, int]:
         """stream_kpis_events_total summed over topics, by outcome (0 for applied, duplicate
-        and dead_letter when none was counted; "redelivered" only when there was one)."""
+        and dead_letter when none was counted)."""
         totals: Counter[str] = Counter(applied=0, duplicate=0, dead_letter=0)
         for name, labels, value in self.samples():
             if name == "stream_kpis_events_total":

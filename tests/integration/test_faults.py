@@ -180,10 +180,10 @@ def test_broker_stopped_and_restarted_mid_stream(tmp_path, stream_file):
         outcomes = classify(records, stack.settings)
         got = stack.wait_accounted(worker, len(records))
         want = outcome_totals(outcomes.values())
-        # nothing was lost and no true duplicate was applied; records processed again after
-        # the outage (not yet committed when the broker left) are "redelivered"
+        # nothing was lost, nothing counted twice: batches that failed while the broker was
+        # away were read again from the positions their state records
         assert got["applied"] == want[FIRST] and got["duplicate"] == want[DUPLICATE], (got, want)
-        assert got["dead_letter"] >= want["dead_letter"]
+        assert got["dead_letter"] == want["dead_letter"]
     finally:
         if stack is not None:
             stack.stop()
