@@ -147,7 +147,10 @@ class Ingest:
             async for _, records in self.state_log.read({partition: (store.offset, end)}):
                 store.write(records, None)
         store.write((), end)
-        task = PartitionTask(self.settings, partition, store, self.topic_types, self.parser)
+        # seconds for a large partition: in a thread, so that the consumers' heartbeats (on
+        # this event loop) go on and the group does not time this worker out meanwhile
+        task = await asyncio.to_thread(PartitionTask, self.settings, partition, store,
+                                       self.topic_types, self.parser)
         task.log_end = end
         return task
 
