@@ -231,3 +231,13 @@ def test_seen_never_exceeds_its_bound(bound):
     for i in range(bound * 3):
         state.seen(f"k{i}", bound)
         assert len(state.recent) <= bound
+
+
+def test_from_bytes_restores_every_field_in_slot_order():
+    """from_bytes unpacks the fields by hand: a field added to __slots__ must be added there."""
+    state = MemberState()
+    for i, name in enumerate(MemberState.__slots__):
+        setattr(state, name, i)
+    copy = MemberState.from_bytes(state.to_bytes())
+    assert [getattr(copy, name) for name in MemberState.__slots__] == \
+        list(range(len(MemberState.__slots__)))
