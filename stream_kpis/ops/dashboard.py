@@ -3,7 +3,7 @@
 The dashboard (``deploy/grafana/dashboards/stream-kpis.json``) is rendered here rather than
 drawn by hand so that the goals in ``deploy/targets.toml`` and the threshold lines on the
 panels cannot drift apart. It has one row per CRM theme (members, redemption and points,
-churn, spend, satisfaction, segments and cohorts) and an operations row for the people who run
+churn, spend, satisfaction, segments and cohorts, predictive CLV) and an operations row for the people who run
 the workers.
 
 Every query is plain PromQL without Grafana variables, so :func:`dashboard_queries` can hand
@@ -147,7 +147,7 @@ _Row = tuple[str, list[Panel]]
 def _rows() -> list[_Row]:
     """The dashboard's rows: one per CRM theme, then operations."""
     return [_members_row(), _points_row(), _churn_row(), _spend_row(), _satisfaction_row(),
-            _segments_row(), _operations_row()]  # fmt: skip
+            _segments_row(), _clv_row(), _operations_row()]  # fmt: skip
 
 
 def _members_row() -> _Row:
@@ -267,6 +267,39 @@ def _segments_row() -> _Row:
         _segmented("churn_rate", "Churn rate by home store", "home_store"),
         _segmented("member_spend_lift", "Member spend lift by store", "store_id",
                    kind="bargauge"),
+    ])  # fmt: skip
+
+
+def _clv_parameters_table() -> Panel:
+    """The latest fit (SPEC 4.4): a row per model, a column per parameter."""
+    description = (f"{KPIS['clv_param'].help} Rows: models (bgnbd, gamma_gamma); columns: their "
+                   "parameters, ll the maximised log-likelihood. Values near 0 or in the "
+                   "thousands mean too little history for a fit. Formula: "
+                   f"{KPIS['clv_param'].formula}.")
+    order = {"model\\param": 0} | {name: i + 1 for i, name in enumerate(
+        ("r", "alpha", "a", "b", "p", "q", "gamma", "ll"))}
+    return Panel(
+        "CLV model parameters", description, (Query(kpi_selector("clv_param"), ""),), "none",
+        "table", width=2 * _PANEL_WIDTH,
+        transformations=(
+            {"id": "groupingToMatrix",
+             "options": {"columnField": "param", "rowField": "model", "valueField": "Value"}},
+            {"id": "organize", "options": {"indexByName": order,
+                                           "renameByName": {"model\\param": "model"}}},
+        ))  # fmt: skip
+
+
+def _clv_row() -> _Row:
+    """Predictive CLV (SPEC 4.4): on only with a [clv] table; otherwise these panels are empty."""
+    return ("Predictive CLV", [
+        Panel("Expected active members vs members",
+              f"{KPIS['expected_active_members'].help} Against all members (members). Formula: "
+              f"{KPIS['expected_active_members'].formula}. Needs [clv].",
+              (Query(kpi_selector("expected_active_members"), "expected active"),
+               Query(kpi_selector("members"), "members")), "short"),
+        _windowed("predicted_purchases", "Predicted purchases by window"),
+        _windowed("predicted_revenue", "Predicted revenue by window"),
+        _clv_parameters_table(),
     ])  # fmt: skip
 
 

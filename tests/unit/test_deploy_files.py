@@ -61,6 +61,7 @@ retention_rate churn_reduction one_and_done_rate repeat_purchase_rate aov_member
 member_spend_lift member_revenue_share avg_margin_member avg_margin_guest margin_lift
 avg_lifetime_spend survey_responses nps nps_member nps_guest csat feedback_mentions
 cohort_size cohort_retention
+clv_param expected_active_members predicted_purchases predicted_revenue
 """.split()
 CONTRACT_OPERATIONAL = """
 stream_kpis_events_total stream_kpis_dead_letters_total stream_kpis_duplicates_total
@@ -76,7 +77,7 @@ CONTRACT_METRICS = {f"loyalty_{kpi}" for kpi in CONTRACT_KPIS} | set(CONTRACT_OP
 
 
 def test_contract_lists_are_complete():
-    assert len(CONTRACT_KPIS) == len(set(CONTRACT_KPIS)) == 39
+    assert len(CONTRACT_KPIS) == len(set(CONTRACT_KPIS)) == 43
 
 
 # --------------------------------------------------------------------------- docker-compose
