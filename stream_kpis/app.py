@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import faust
+import orjson
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
@@ -156,6 +157,8 @@ class Pipeline:
                 return
             self.tasks = [asyncio.ensure_future(self.consumer.run()),
                           asyncio.ensure_future(self.exporter.run())]
+            if self.settings.clv and self.readmodel is not None:
+                self.tasks.append(asyncio.ensure_future(self._follow_clv_params()))
             done, _ = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 if task.exception() is not None:
@@ -173,6 +176,35 @@ class Pipeline:
 
         app.on_before_shutdown.connect(self._on_shutdown)
         self.agents = (run_loops, tick, metrics_page)
+
+    async def _follow_clv_params(self) -> None:
+        """Keep the latest CLV fit's parameters (from the exporter's ``clv_param`` records) for
+        the per-member predictions in the read model."""
+        from aiokafka import AIOKafkaConsumer
+
+        from .core.predictive import params_from_records
+        from .live.kafka_log import aiokafka_config
+
+        topic = TopicPartition(self.settings.topics.kpi_clv, 0)
+        consumer = AIOKafkaConsumer(**aiokafka_config(self.settings), group_id=None,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            consumer.assign([topic])
+            end = (await consumer.end_offsets([topic]))[topic]
+            consumer.seek(topic, max(0, end - 500))  # the last emissions' records
+            latest: dict[tuple, dict] = {}
+            while not self.consumer.stopping.is_set():
+                fetched = await consumer.getmany(timeout_ms=1000)
+                for record in fetched.get(topic, ()):
+                    value = orjson.loads(record.value)
+                    labels = value.get("labels", {})
+                    latest[(value["kpi"], labels.get("model"), labels.get("param"))] = value
+                bgnbd, gamma_gamma = params_from_records(latest.values())
+                if bgnbd is not None:
+                    self.ingest.clv_params = (bgnbd, gamma_gamma)
+        finally:
+            await consumer.stop()
 
     def _committed(self, commit: Commit) -> None:
         """A batch is durable: count it, and hand its member statuses to the read model."""
@@ -245,8 +277,6 @@ class Pipeline:
 
 
 def _signal_name(value: bytes) -> str:
-    import orjson
-
     return orjson.loads(value)["signal"]
 
 

@@ -21,7 +21,7 @@ from .timebase import as_of_time
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["ClvModel"]
+__all__ = ["ClvModel", "member_predictions", "params_from_records"]
 
 _BGNBD_PARAMS = ("r", "alpha", "a", "b")
 _GAMMA_GAMMA_PARAMS = ("p", "q", "gamma")
@@ -88,3 +88,50 @@ class ClvModel:
             add("predicted_revenue", label,
                 None if spend_of_row is None else float(np.sum(per_member * spend_of_row)))
         return out
+
+
+def member_predictions(states: list[Any], as_of_bucket: int, settings: Settings,
+                       bgnbd: tuple[float, float, float, float],
+                       gamma_gamma: tuple[float, float, float] | None
+                       ) -> list[dict[str, float] | None]:
+    """Per member (None for one without a purchase): ``p_alive``, ``expected_purchases`` and
+    ``expected_value`` over the longest window, from fitted parameters (vectorised over the
+    members, for the read model)."""
+    from .clv import BgNbdParams, GammaGammaParams, expected_spend, member_key
+
+    out: list[dict[str, float] | None] = [None] * len(states)
+    unit_days = settings.clv_unit_ms / DAY_MS
+    horizon = max(settings.windows_ms) / DAY_MS / unit_days
+    dK = as_of_day(as_of_bucket, settings.bucket_ms)
+    rows, index = [], []
+    for i, state in enumerate(states):
+        if state.purchase_days:
+            key = member_key(dict(state.purchase_days), 10**9)
+            rows.append(key.inputs(max(dK, key.last_day), unit_days))
+            index.append(i)
+    if not rows:
+        return out
+    x, t_x, T, m_x = (np.array(column, dtype=np.float64) for column in zip(*rows, strict=True))
+    params = BgNbdParams(*bgnbd)
+    alive = np.atleast_1d(p_alive(params, x, t_x, T))
+    purchases = np.atleast_1d(expected_purchases(params, horizon, x, t_x, T))
+    spend = (np.atleast_1d(expected_spend(GammaGammaParams(*gamma_gamma), x, m_x))
+             if gamma_gamma is not None else np.full(len(rows), np.nan))
+    for j, i in enumerate(index):
+        prediction = {"p_alive": float(alive[j]), "expected_purchases": float(purchases[j])}
+        if np.isfinite(spend[j]):
+            prediction["expected_value"] = float(purchases[j] * spend[j])
+        out[i] = prediction
+    return out
+
+
+def params_from_records(records: Any) -> tuple[tuple | None, tuple | None]:
+    """(BG/NBD params, Gamma-Gamma params) from ``clv_param`` KPI records (None if incomplete)."""
+    found: dict[tuple[str, str], float] = {}
+    for record in records:
+        if record.get("kpi") == "clv_param" and record.get("value") is not None:
+            labels = record.get("labels", {})
+            found[(labels.get("model"), labels.get("param"))] = record["value"]
+    bgnbd = tuple(found.get(("bgnbd", name)) for name in _BGNBD_PARAMS)
+    gamma_gamma = tuple(found.get(("gamma_gamma", name)) for name in _GAMMA_GAMMA_PARAMS)
+    return (None if None in bgnbd else bgnbd), (None if None in gamma_gamma else gamma_gamma)

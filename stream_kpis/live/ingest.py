@@ -81,6 +81,7 @@ class Ingest:
         self.metrics = metrics
         self.on_committed = on_committed
         self.with_statuses = with_statuses  # member statuses for the read model, per commit
+        self.clv_params: tuple | None = None  # the latest fit's parameters, for the read model
         self.clock = clock
         self.topic_types = {name: kind for kind, name in settings.topics.inputs().items()}
         self.parser = EventParser(settings.max_event_bytes, settings.max_skew_ms)
@@ -184,7 +185,8 @@ class Ingest:
                 if self.settings.clock == "wall":
                     task.advance(now_ms // self.settings.bucket_ms)
                 commit = task.take_commit(with_partial=partial_due,
-                                          with_statuses=self.with_statuses)
+                                          with_statuses=self.with_statuses,
+                                          clv_params=self.clv_params)
                 if commit is not None:
                     commits.append(commit)
             if commits:

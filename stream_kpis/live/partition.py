@@ -234,10 +234,11 @@ class PartitionTask:
             self.pending = Commit(self.partition, [])
         self.processor.advance(K)
 
-    def take_commit(self, with_partial: bool = False, with_statuses: bool = False
-                    ) -> Commit | None:
+    def take_commit(self, with_partial: bool = False, with_statuses: bool = False,
+                    clv_params: tuple | None = None) -> Commit | None:
         """What the batch changed, as a Commit (None when there is nothing to write); with the
-        changed members' statuses for the read model when asked."""
+        changed members' statuses for the read model when asked, and their CLV predictions
+        when ``clv_params`` (BG/NBD, Gamma-Gamma parameters of the latest fit) are given."""
         commit = self.pending or Commit(self.partition, [])
         self.pending = commit
         processor = self.processor
@@ -247,6 +248,15 @@ class PartitionTask:
             state.append((MEMBER + member_id.encode(), member.to_bytes()))
             if with_statuses and K is not None:
                 commit.member_statuses[member_id] = member_status(member, K, self.settings)
+        if with_statuses and K is not None and clv_params is not None and clv_params[0]:
+            from ..core.predictive import member_predictions  # numpy and scipy: CLV only
+
+            ids = list(commit.member_statuses)
+            predictions = member_predictions([self.members.dirty[m] for m in ids], K,
+                                             self.settings, *clv_params)
+            for member_id, prediction in zip(ids, predictions, strict=True):
+                if prediction is not None:
+                    commit.member_statuses[member_id].update(prediction)
         for bucket in processor.changed_buckets:
             state.append((BUCKET + str(bucket).encode(),
                           PartitionStore.bucket_record(processor, bucket)))

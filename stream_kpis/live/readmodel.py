@@ -77,10 +77,11 @@ DEFAULT_MEMBERS_PER_PIPELINE = 10_000
 WARNING_INTERVAL = 60.0
 
 MEMBER_FIELDS = ("last_touch", "status", "points_balance", "tier", "next_expiry_points",
-                 "next_expiry_at")
+                 "next_expiry_at", "p_alive", "expected_purchases", "expected_value")
 MEMBER_STATUSES = frozenset({"active", "at_risk", "churned"})
 _KPI_NUMBER_FIELDS = ("value", "numerator", "denominator")
-_MEMBER_NUMBER_FIELDS = frozenset({"points_balance", "next_expiry_points"})
+_MEMBER_NUMBER_FIELDS = frozenset({"points_balance", "next_expiry_points", "p_alive",
+                                   "expected_purchases", "expected_value"})
 
 # What a failing Redis looks like from here. Anything else is a bug and propagates.
 _REDIS_FAILURES = (redis.exceptions.RedisError, OSError)
@@ -404,7 +405,8 @@ def _member_write(status: Mapping[str, Any]) -> _MemberWrite:
         raise ValueError(f"member status {state!r} is not one of {sorted(MEMBER_STATUSES)}")
     last_touch, last_touch_seconds = _timestamp("last_touch", status["last_touch"])
     fields = {"last_touch": last_touch, "status": state}
-    _put_numbers(fields, status, ("points_balance", "next_expiry_points"))
+    _put_numbers(fields, status, ("points_balance", "next_expiry_points", "p_alive",
+                                  "expected_purchases", "expected_value"))
     if status.get("tier") is not None:
         fields["tier"] = str(status["tier"])
     if status.get("next_expiry_at") is not None:

@@ -9,6 +9,7 @@ comparison: it is defined by the evaluation history, which differs between a liv
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -168,7 +169,8 @@ def test_two_workers_give_the_same_kpis_as_one(tmp_path, kafka_bootstrap, stream
         stack.stop()
 
 
-def test_live_segments_cohorts_and_clv_equal_replay(tmp_path, kafka_bootstrap, stream_file):
+def test_live_segments_cohorts_and_clv_equal_replay(tmp_path, kafka_bootstrap, redis_url,
+                                                    stream_file):
     """With every segment dimension, cohorts and CLV on (a TOML config, as a user would set
     them), two workers publish what replay gives: the segment values and cohorts merge across
     partitions, and the exporter's CLV fit on the merged statistics equals replay's fit on one
@@ -177,7 +179,8 @@ def test_live_segments_cohorts_and_clv_equal_replay(tmp_path, kafka_bootstrap, s
     config.write_text('[kpis]\nsegments = ["tier", "enrollment_channel", "home_store", "channel",'
                       ' "store_id"]\ncohorts = 6\ncohort_ages = 4\n\n[clv]\ntime_unit = "7d"\n'
                       'refit = "0s"\n', encoding="utf-8")
-    stack = LiveStack(tmp_path, kafka_bootstrap, extra_env={"STREAM_KPIS_CONFIG": str(config)})
+    stack = LiveStack(tmp_path, kafka_bootstrap, redis_url,
+                      extra_env={"STREAM_KPIS_CONFIG": str(config)})
     try:
         assert stack.settings.segments and stack.settings.clv
         workers = [stack.start_worker(), stack.start_worker()]
@@ -191,6 +194,25 @@ def test_live_segments_cohorts_and_clv_equal_replay(tmp_path, kafka_bootstrap, s
         for record in expected:
             key = (record["kpi"], record["window"], tuple(sorted(record.get("labels", {}).items())))
             assert _equal_to_fit_tolerance(latest[key], record), (latest[key], record)
+        # once a fit is published, a member's next change brings its predictions to Redis
+        as_of = max(r["as_of"] for r in expected)
+        client = redis.Redis.from_url(redis_url)
+        try:
+            deadline = time.monotonic() + 60
+            for attempt in itertools.count():
+                purchase = orjson.dumps({"event_id": f"after-fit-{attempt}", "member_id": "m-late",
+                                         "ts": as_of, "amount": 12.5})
+                stack.produce_raw([(stack.settings.topics.purchases, b"m-late", purchase)])
+                member = read_member(client, stack.settings.redis_prefix, "m-late")
+                if member and member.get("p_alive") is not None:
+                    break
+                assert time.monotonic() < deadline, (member, stack.logs_tail())
+                time.sleep(2)
+            # one purchase day: P(alive) is 1 by the BG/NBD model, and it buys again or not
+            assert member["p_alive"] == pytest.approx(1.0)
+            assert member["expected_purchases"] > 0
+        finally:
+            client.close()
     finally:
         stack.stop()
 

@@ -11,10 +11,18 @@ import numpy as np
 import pytest
 
 from stream_kpis.core import Processor, evaluate_kpis
-from stream_kpis.core.clv import expected_purchases, expected_spend, fit_bgnbd, fit_gamma_gamma, p_alive
+from stream_kpis.core.clv import (
+    BgNbdParams,
+    GammaGammaParams,
+    expected_purchases,
+    expected_spend,
+    fit_bgnbd,
+    fit_gamma_gamma,
+    p_alive,
+)
 from stream_kpis.core.events import PURCHASE, Event, EventParser
 from stream_kpis.core.kpis import Aggregates
-from stream_kpis.core.predictive import ClvModel
+from stream_kpis.core.predictive import ClvModel, member_predictions, params_from_records
 from stream_kpis.generate import GeneratorConfig, generate_events
 from stream_kpis.settings import DAY_MS, Settings
 
@@ -115,3 +123,53 @@ def test_refit_follows_the_cadence():
         processor.evaluate()
     # evaluations at days 0, 3, 5, 9, 12: fits at 0, then 9 (>= 7 buckets later)
     assert model.fits == 2 and model.fit_K == 9
+
+
+def test_member_predictions_are_the_models_per_member_values(events):
+    """Per-member P(alive), E[X(longest window)] and E[X] * E[M], as the read model shows them,
+    computed member by member with the scalar formulas."""
+    processor = Processor(SETTINGS)
+    for event in events:
+        processor.process(event)
+    records = processor.evaluate()
+    bgnbd, gamma_gamma = params_from_records(records)
+    assert bgnbd is not None and gamma_gamma is not None
+    K = processor.as_of_bucket()
+    states = [processor.members[m] for m in sorted(processor.members)[:40]]
+    got = member_predictions(states, K, SETTINGS, bgnbd, gamma_gamma)
+    dK = ((K + 1) * DAY_MS - 1) // DAY_MS
+    for state, prediction in zip(states, got, strict=True):
+        if not state.purchase_days:
+            assert prediction is None
+            continue
+        days = sorted(day for day, _ in state.purchase_days)
+        totals = dict(state.purchase_days)
+        x = len(days) - 1
+        m_x = sum(totals[d] for d in days[1:]) / x if x else 0.0
+        t_x, T = (days[-1] - days[0]) / 7, (dK - days[0]) / 7
+        params = BgNbdParams(*bgnbd)
+        assert prediction["p_alive"] == pytest.approx(p_alive(params, x, t_x, T), rel=1e-9)
+        purchases = expected_purchases(params, 30 / 7, x, t_x, T)
+        assert prediction["expected_purchases"] == pytest.approx(purchases, rel=1e-9)
+        spend = expected_spend(GammaGammaParams(*gamma_gamma), x, m_x)
+        assert prediction["expected_value"] == pytest.approx(purchases * spend, rel=1e-9)
+
+
+def test_partition_commits_carry_member_predictions_once_parameters_are_known(events):
+    from stream_kpis.live.partition import InputRecord, PartitionTask
+    from stream_kpis.live.store import MemoryStore
+
+    types = {name: kind for kind, name in SETTINGS.topics.inputs().items()}
+    task = PartitionTask(SETTINGS, 0, MemoryStore(), types)
+    topic = SETTINGS.topics.purchases
+    body = b'{"event_id": "p%d", "member_id": "m1", "ts": %d, "amount": 20.0}'
+    task.apply([InputRecord(topic, 0, i, b"m1", body % (i, (10 + 9 * i) * DAY_MS))
+                for i in range(3)])
+    without = task.take_commit(with_statuses=True)
+    assert "p_alive" not in without.member_statuses["m1"]
+    task.committed(without, None)
+    task.apply([InputRecord(topic, 0, 3, b"m1", body % (3, 60 * DAY_MS))])
+    params = ((0.24, 4.4, 0.79, 2.4), (6.25, 3.74, 15.44))
+    status = task.take_commit(with_statuses=True, clv_params=params).member_statuses["m1"]
+    assert 0 < status["p_alive"] <= 1 and status["expected_purchases"] > 0
+    assert status["expected_value"] > 0
