@@ -40,6 +40,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import clv as clv_bench  # noqa: E402
 import common  # noqa: E402  (benchmarks/ is not a package)
 import pyspy  # noqa: E402
 import replay as replay_bench  # noqa: E402
@@ -60,7 +61,7 @@ from stream_kpis.live.kafka_tools import _file_messages, create_topics  # noqa: 
 from stream_kpis.replay import source_for_path  # noqa: E402
 from stream_kpis.settings import Settings, load_settings  # noqa: E402
 
-BENCHES = ("limit", "worker", "plain_faust", "latency", "memory", "recovery", "replay")
+BENCHES = ("limit", "worker", "plain_faust", "latency", "memory", "recovery", "replay", "clv")
 #: A bench whose ratios or state need another one.
 NEEDS = {"worker": ("limit",), "plain_faust": ("limit",), "recovery": ("memory",)}
 PARTITIONS = 4
@@ -87,6 +88,7 @@ class Sizes:
     memory_timeout: float        # to process one memory step
     replay_members: int
     replay_repeat: int
+    clv_members: tuple[int, ...] = (100_000, 1_000_000)
 
 
 FULL = Sizes(events=300_000, limit_repeat=3, worker_timeout=300, plain_seconds=60,
@@ -96,7 +98,7 @@ FULL = Sizes(events=300_000, limit_repeat=3, worker_timeout=300, plain_seconds=6
 QUICK = Sizes(events=20_000, limit_repeat=1, worker_timeout=120, plain_seconds=20,
               latency_rates=(1_000,), latency_seconds=6, latency_warmup=2, bucket_wall_s=0.5,
               memory_steps=(5_000, 20_000), memory_timeout=120,
-              replay_members=3_000, replay_repeat=1)
+              replay_members=3_000, replay_repeat=1, clv_members=(10_000,))
 
 #: Goals of the open issues (11: exact state layer, 12: a faster core), evaluated at the end:
 #: (name, text).
@@ -805,6 +807,20 @@ def bench_replay(run: Run) -> None:
             run.facts["replay"] = rate
 
 
+def bench_clv(run: Run) -> None:
+    """The predictive CLV refit (SPEC 4.4) on synthetic sufficient statistics (benchmarks/clv.py),
+    and one evaluation of its KPIs with the fitted parameters."""
+    for members in run.sizes.clv_members:
+        result = clv_bench.bench(members)
+        note = (f"{result['bgnbd_rows']:,} BG/NBD + {result['gg_rows']:,} Gamma-Gamma groups, "
+                f"{result['bytes'] / 1e6:.1f} MB of statistics")
+        run.add(Row("clv", f"refit, {members:,} members", result["fit_s"], "s", "goal 5 s",
+                    result["fit_s"] / 5.0, note))
+        run.add(Row("clv", f"evaluate the CLV KPIs, {members:,} members", result["records_s"] * 1000,
+                    "ms"))
+        run.facts.setdefault("clv", {})[members] = result["fit_s"]
+
+
 # ---- goals and output ----------------------------------------------------------------------------
 
 def evaluate_goals(run: Run) -> None:
@@ -897,7 +913,7 @@ def report(run: Run, seconds: float, load: tuple[str, str]) -> str:
 BENCH_FUNCS: dict[str, Callable[[Run], None]] = {
     "limit": bench_limit, "worker": bench_worker, "plain_faust": bench_plain_faust,
     "latency": bench_latency, "memory": bench_memory, "recovery": bench_recovery,
-    "replay": bench_replay,
+    "replay": bench_replay, "clv": bench_clv,
 }
 
 
