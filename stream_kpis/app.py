@@ -76,10 +76,6 @@ for _name in _NOISY_LOGGERS:
     logging.getLogger(_name).addFilter(_Throttle())
 
 
-for _name in _NOISY_LOGGERS:
-    logging.getLogger(_name).addFilter(_Throttle())
-
-
 def faust_app_kwargs(settings: Settings) -> dict[str, Any]:
     """Faust settings derived from ours (broker, store, web, security, batching)."""
     kwargs: dict[str, Any] = {
@@ -113,7 +109,6 @@ def faust_app_kwargs(settings: Settings) -> dict[str, Any]:
             kwargs["broker_credentials"] = faust.SSLCredentials(
                 ssl.create_default_context(cafile=settings.kafka_ssl_cafile))
     return kwargs
-
 
 
 class Pipeline:
