@@ -201,7 +201,8 @@ def test_member_hash_and_at_risk_set(redis_url, client, prefix):
     statuses = {
         "m-1": member("active", "2024-01-30T08:00:00Z", points_balance=120, tier="gold",
                       next_expiry_points=20, next_expiry_at="2024-03-01T00:00:00Z"),
-        "m-2": member("at_risk", "2024-01-20T12:00:00Z", points_balance=0, tier="silver"),
+        "m-2": member("at_risk", "2024-01-20T12:00:00Z", points_balance=0, tier="silver",
+                      p_alive=0.25, expected_purchases=0.5, expected_value=12.75),
         # int last_touch is epoch ms: 2024-01-21T12:00:00.500Z
         "m-3": member("at_risk", (JAN_1_2024 + 20 * 86400 + 43200) * 1000 + 500),
     }
@@ -218,7 +219,8 @@ def test_member_hash_and_at_risk_set(redis_url, client, prefix):
         "tier": "gold", "next_expiry_points": "20", "next_expiry_at": "2024-03-01T00:00:00Z"}
     assert read_member(client, prefix, "m-2") == {
         "last_touch": "2024-01-20T12:00:00Z", "status": "at_risk", "points_balance": 0,
-        "tier": "silver", "next_expiry_points": None, "next_expiry_at": None}
+        "tier": "silver", "next_expiry_points": None, "next_expiry_at": None, "p_alive": 0.25,
+        "expected_purchases": 0.5, "expected_value": 12.75}
     assert read_member(client, prefix, "m-3")["last_touch"] == "2024-01-21T12:00:00.500Z"
     assert read_member(client, prefix, "nobody") is None
     m2_seconds = JAN_1_2024 + 19 * 86400 + 43200
