@@ -107,7 +107,10 @@ class _Writer:
                                                           partition=self.partition),
                                 batch.record_count()))
                 batch = producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None)
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    # larger than a batch on its own: a record of its own (up to the request limit)
+                    futures.append((await producer.send(self.topic, value, key=key,
+                                                        partition=self.partition), 1))
         if batch.record_count():
             futures.append((await producer.send_batch(batch, self.topic, partition=self.partition),
                             batch.record_count()))

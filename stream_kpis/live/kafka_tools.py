@@ -135,14 +135,16 @@ def create_topics(settings: Settings, replication: int = 1) -> list[str]:
                 created.append(topic.name)
             except TopicAlreadyExistsError:
                 pass
-        if partials in existing:  # topics made by older versions: allow large partials
-            _set_topic_config(admin, partials, {"max.message.bytes": _PARTIALS_MAX_BYTES})
+        for topic in (partials, f"{settings.app_id}-state"):  # made by older versions:
+            if topic in existing:                              # allow large records
+                _set_topic_config(admin, topic, {"max.message.bytes": _PARTIALS_MAX_BYTES})
         counts = check_copartitioning(settings, admin)
         inputs = next(iter(counts.values()), settings.partitions)
         state = f"{settings.app_id}-state"
         if state not in existing:
             try:
-                admin.create_topics([NewTopic(state, inputs, replication, topic_configs=compact)])
+                admin.create_topics([NewTopic(state, inputs, replication, topic_configs={
+                    **compact, "max.message.bytes": _PARTIALS_MAX_BYTES})])
                 created.append(state)
             except TopicAlreadyExistsError:
                 pass
@@ -158,7 +160,8 @@ def create_topics(settings: Settings, replication: int = 1) -> list[str]:
     return created
 
 
-#: Partials with segments can be megabytes (see live/kafka_log.MAX_PARTIAL_BYTES).
+#: Partials with segments can be megabytes, and so can a rare state record (a member with a very
+#: long history): see live/kafka_log.MAX_PARTIAL_BYTES.
 _PARTIALS_MAX_BYTES = str(64 << 20)
 
 
