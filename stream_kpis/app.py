@@ -211,8 +211,8 @@ class Pipeline:
                 metrics.count_duplicates(topic, n)
             else:
                 metrics.count_dead_letters(topic, outcome.removeprefix("dead_letter:"), n)
-        for _, value in commit.signals:
-            metrics.count_signal(_signal_name(value))
+        for signal, n in commit.signal_counts.items():
+            metrics.count_signal(signal, n)
         if self.readmodel is not None and commit.member_statuses:
             self.readmodel.update_members(commit.member_statuses)
 
@@ -269,10 +269,6 @@ class Pipeline:
             await asyncio.wait(self.tasks, timeout=15)
         if self.readmodel is not None:
             await self.readmodel.flush()
-
-
-def _signal_name(value: bytes) -> str:
-    return orjson.loads(value)["signal"]
 
 
 def create_app(settings: Settings | None = None) -> faust.App:

@@ -36,6 +36,7 @@ from scipy import optimize, special
 
 __all__ = [
     "DAY_MS",
+    "UNCLAMPED_DAY",
     "utc_day",
     "as_of_day",
     "purchase_days_of",
@@ -58,6 +59,9 @@ __all__ = [
 ]
 
 DAY_MS = 86_400_000
+#: An as-of day after every purchase day: member keys made with it are not clamped (the fit
+#: clamps, as of its own day).
+UNCLAMPED_DAY = 10**9
 
 Floats = NDArray[np.float64]
 #: A mean negative log-likelihood over log-parameters, returning its value and gradient.

@@ -97,7 +97,7 @@ def member_predictions(states: list[Any], as_of_bucket: int, settings: Settings,
     """Per member (None for one without a purchase): ``p_alive``, ``expected_purchases`` and
     ``expected_value`` over the longest window, from fitted parameters (vectorised over the
     members, for the read model)."""
-    from .clv import BgNbdParams, GammaGammaParams, expected_spend, member_key
+    from .clv import UNCLAMPED_DAY, BgNbdParams, GammaGammaParams, expected_spend, member_key
 
     out: list[dict[str, float] | None] = [None] * len(states)
     unit_days = settings.clv_unit_ms / DAY_MS
@@ -106,7 +106,7 @@ def member_predictions(states: list[Any], as_of_bucket: int, settings: Settings,
     rows, index = [], []
     for i, state in enumerate(states):
         if state.purchase_days:
-            key = member_key(dict(state.purchase_days), 10**9)
+            key = member_key(dict(state.purchase_days), UNCLAMPED_DAY)
             rows.append(key.inputs(max(dK, key.last_day), unit_days))
             index.append(i)
     if not rows:

@@ -46,10 +46,6 @@ _MEMBER_SUMS = ("member_revenue", "member_orders", "member_margin", "member_marg
 _GUEST_SUMS = ("guest_revenue", "guest_orders", "guest_margin", "guest_margin_orders")
 
 
-#: CLV statistics keep members' days unclamped; the fit clamps (see core/predictive.py).
-_NO_AS_OF = 10**9
-
-
 def seen_key(event: Event) -> str:
     """The de-duplication key of an event without member state (guest purchase, survey)."""
     return f"{event.type[0]}|{event.member_id or ''}|{event.event_id}"
@@ -232,13 +228,13 @@ class Processor:
 
     def _move_clv(self, state: MemberState, event: Event) -> None:
         """Re-group the member in the CLV statistics after a purchase (SPEC 4.4)."""
-        from .clv import DAY_MS, member_key
+        from .clv import DAY_MS, UNCLAMPED_DAY, member_key
 
         stats = self.aggs.clv
         if state.purchase_days:
-            stats.remove(member_key(dict(state.purchase_days), _NO_AS_OF))
+            stats.remove(member_key(dict(state.purchase_days), UNCLAMPED_DAY))
         state.add_purchase_day(event.ts // DAY_MS, event.amount)
-        stats.add(member_key(dict(state.purchase_days), _NO_AS_OF))
+        stats.add(member_key(dict(state.purchase_days), UNCLAMPED_DAY))
 
     def _event_sums(self, event: Event, member: bool) -> None:
         bucket = event.ts // self.bucket_ms
@@ -537,9 +533,9 @@ class PartitionStore:
         if processor.cohorts:
             aggs.add_cohort(*processor._cohort_of(state), 1)
         if processor.clv_model is not None and state.purchase_days:
-            from .clv import member_key
+            from .clv import UNCLAMPED_DAY, member_key
 
-            aggs.clv.add(member_key(dict(state.purchase_days), _NO_AS_OF))
+            aggs.clv.add(member_key(dict(state.purchase_days), UNCLAMPED_DAY))
         processor.touch_index.setdefault(view[LAST_TOUCH], set()).add(member_id)
         touch = state.last_touch
         if processor.max_ts is None or touch > processor.max_ts:

@@ -27,7 +27,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from ..core import evaluate_kpis
 from ..core.kpis import KPI_TOPICS, Aggregates
 from ..settings import Settings
-from .kafka_log import MAX_PARTIAL_BYTES, aiokafka_config, partials_topic
+from .kafka_log import aiokafka_config, partials_topic
+from .kafka_tools import MAX_RECORD_BYTES
 from .partition import parse_partial
 
 __all__ = ["Exporter", "ExporterConsumer", "HISTORY_KEY"]
@@ -148,7 +149,7 @@ class ExporterConsumer:
             **config, group_id=f"{self.settings.app_id}-exporter", enable_auto_commit=False,
             isolation_level="read_committed", auto_offset_reset="earliest",
             fetch_max_wait_ms=100, session_timeout_ms=10_000, heartbeat_interval_ms=3_000,
-            max_partition_fetch_bytes=MAX_PARTIAL_BYTES, fetch_max_bytes=MAX_PARTIAL_BYTES)
+            max_partition_fetch_bytes=MAX_RECORD_BYTES, fetch_max_bytes=MAX_RECORD_BYTES)
         consumer.subscribe([self.topic], listener=_Listener(self))
         await consumer.start()
         tp = TopicPartition(self.topic, 0)

@@ -22,7 +22,7 @@ from aiokafka.errors import InvalidProducerEpoch, ProducerFenced
 
 from ..settings import Settings
 from .ingest import Fenced, Ingest
-from .kafka_tools import connection_config
+from .kafka_tools import MAX_RECORD_BYTES, connection_config
 from .partition import Commit, InputRecord
 
 __all__ = ["KafkaStateLog", "IngestConsumer", "aiokafka_config", "state_topic", "ingest_group"]
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 #: Exit code of a worker that stopped on an internal error without committing its batch.
 EXIT_INTERNAL_ERROR = 70
 _MAX_BATCH_BYTES = 1_000_000  # the broker's default message.max.bytes is 1 MiB per batch
-#: A partition's partial with segments can be larger than a batch; the partials topic allows it.
-MAX_PARTIAL_BYTES = 64 << 20
 
 
 def state_topic(settings: Settings) -> str:
@@ -157,7 +155,7 @@ class KafkaStateLog:
         producer = AIOKafkaProducer(
             **self.config, transactional_id=f"{self.settings.app_id}-state-{partition}",
             enable_idempotence=True, acks="all", linger_ms=5, max_batch_size=_MAX_BATCH_BYTES,
-            max_request_size=MAX_PARTIAL_BYTES)
+            max_request_size=MAX_RECORD_BYTES)
         await producer.start()
         try:
             # the producer id comes with the first transaction: this is the moment every earlier

@@ -122,7 +122,7 @@ def create_topics(settings: Settings, replication: int = 1) -> list[str]:
                "min.cleanable.dirty.ratio": "0.1"}
     partials = f"{settings.app_id}-partials"
     wanted.append(NewTopic(partials, 1, replication,
-                           topic_configs={**compact, "max.message.bytes": _PARTIALS_MAX_BYTES}))
+                           topic_configs={**compact, **_MAX_RECORD_CONFIG}))
     admin = _admin(settings)
     created = []
     try:
@@ -137,14 +137,14 @@ def create_topics(settings: Settings, replication: int = 1) -> list[str]:
                 pass
         for topic in (partials, f"{settings.app_id}-state"):  # made by older versions:
             if topic in existing:                              # allow large records
-                _set_topic_config(admin, topic, {"max.message.bytes": _PARTIALS_MAX_BYTES})
+                _set_topic_config(admin, topic, _MAX_RECORD_CONFIG)
         counts = check_copartitioning(settings, admin)
         inputs = next(iter(counts.values()), settings.partitions)
         state = f"{settings.app_id}-state"
         if state not in existing:
             try:
                 admin.create_topics([NewTopic(state, inputs, replication, topic_configs={
-                    **compact, "max.message.bytes": _PARTIALS_MAX_BYTES})])
+                    **compact, **_MAX_RECORD_CONFIG})])
                 created.append(state)
             except TopicAlreadyExistsError:
                 pass
@@ -160,9 +160,10 @@ def create_topics(settings: Settings, replication: int = 1) -> list[str]:
     return created
 
 
-#: Partials with segments can be megabytes, and so can a rare state record (a member with a very
-#: long history): see live/kafka_log.MAX_PARTIAL_BYTES.
-_PARTIALS_MAX_BYTES = str(64 << 20)
+#: The largest record of the partials and state topics: a partial with segments can be
+#: megabytes, and so can a rare state record (a member with a very long history).
+MAX_RECORD_BYTES = 64 << 20
+_MAX_RECORD_CONFIG = {"max.message.bytes": str(MAX_RECORD_BYTES)}
 
 
 def _set_topic_config(admin: Any, topic: str, configs: dict[str, str]) -> None:

@@ -66,6 +66,7 @@ class Commit:
     state: list[tuple[bytes, bytes | None]]              # state log records, one per key
     dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
     signals: list[tuple[bytes, bytes]] = field(default_factory=list)
+    signal_counts: dict[str, int] = field(default_factory=dict)  # signal -> n, for the metrics
     partial: bytes | None = None                          # this partition's aggregates
     positions: dict[str, int] = field(default_factory=dict)  # input topic -> next offset
     member_statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # for Redis
@@ -158,6 +159,7 @@ class PartitionTask:
         self.topic_types = topic_types
         self.parser = parser or EventParser(settings.max_event_bytes, settings.max_skew_ms)
         self.signals: list[tuple[bytes, bytes]] = []
+        self.signal_counts: dict[str, int] = {}
         self.members = _StoreMembers(store)
         self.processor = Processor(settings, self.members, on_signal=self._signal,
                                    track_changes=True)
@@ -266,6 +268,7 @@ class PartitionTask:
         processor.changed_buckets.clear()
         processor.changed_seen.clear()
         commit.signals, self.signals = self.signals, []
+        commit.signal_counts, self.signal_counts = self.signal_counts, {}
         version = processor.version
         if with_partial and version != self.published_version:
             commit.partial = partial_value(processor.max_ts, self.positions, processor.aggs.to_bytes())
@@ -287,4 +290,5 @@ class PartitionTask:
 
     def _signal(self, signal: dict[str, Any]) -> None:
         self.signals.append((signal["member_id"].encode(), orjson.dumps(signal)))
+        self.signal_counts[signal["signal"]] = self.signal_counts.get(signal["signal"], 0) + 1
 
