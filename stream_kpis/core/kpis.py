@@ -296,33 +296,56 @@ class Aggregates:
 
     # merging and transport (per-partition partials -> one global aggregate)
     def merge(self, other: Aggregates) -> None:
-        for mine, theirs in zip(self.hists, other.hists, strict=True):
-            _merge_hist(mine, theirs)
-        for channel, hist in other.by_channel.items():
-            _merge_hist(self.by_channel.setdefault(channel, {}), hist)
-        _merge_hist(self.tiers, other.tiers)
-        for name, hist in other.sums.items():
-            _merge_hist(self.sums[name], hist)
-        for key, hist in other.mentions.items():
-            _merge_hist(self.mentions.setdefault(key, {}), hist)
-        for name, value in other.totals.items():
+        self._merge_parts(other._parts(), dict.items)
+
+    def merge_bytes(self, data: bytes) -> None:
+        """Add the aggregates encoded by :meth:`to_bytes` (format 2 or 1) without building
+        them first: what an exporter needs to hold is the total, not every partition's part."""
+        raw = orjson.loads(data)
+        self._merge_parts(raw, _column_items if raw.get("format") == 2 else iter)
+
+    def _parts(self) -> dict[str, Any]:
+        """The parts in the shape :meth:`_to_dict` encodes, as dicts (see _merge_parts)."""
+        return {"hists": self.hists, "by_channel": self.by_channel, "tiers": self.tiers,
+                "sums": self.sums, "mentions": self.mentions, "totals": self.totals,
+                "segments": {key: seg._parts() for key, seg in self.segments.items()},
+                "cohort_members": self.cohort_members,
+                "cohort_active": list(self.cohort_active.items()),
+                "cohort_max": list(self.cohort_max.items()), "clv": self.clv}
+
+    def _merge_parts(self, parts: Mapping[str, Any], items: Callable[[Any], Iterable]) -> None:
+        """Add ``parts`` (:meth:`_parts`, or a decoded :meth:`_to_dict`), whose histograms
+        ``items`` turns into (bucket, value) pairs."""
+        for mine, theirs in zip(self.hists, parts["hists"], strict=True):
+            _merge_items(mine, items(theirs))
+        for channel, hist in parts.get("by_channel", {}).items():
+            _merge_items(self.by_channel.setdefault(channel, {}), items(hist))
+        _merge_items(self.tiers, parts["tiers"].items())
+        for name, hist in parts.get("sums", {}).items():
+            _merge_items(self.sums[name], items(hist))
+        for key, hist in parts.get("mentions", {}).items():
+            _merge_items(self.mentions.setdefault(key, {}), items(hist))
+        for name, value in parts["totals"].items():
             self.totals[name] += value
-        for key, segment in other.segments.items():
+        for key, segment in parts.get("segments", {}).items():
             mine = self.segments.get(key)
             if mine is None:
                 mine = self.segments[key] = Aggregates()
-            mine.merge(segment)
-        _merge_hist(self.cohort_members, other.cohort_members)
-        for mine_nested, theirs_nested in ((self.cohort_active, other.cohort_active),
-                                           (self.cohort_max, other.cohort_max)):
-            for cohort, hist in theirs_nested.items():
-                _merge_hist(mine_nested.setdefault(cohort, {}), hist)
-        if other.clv is not None:
-            if self.clv is None:
-                from .clv import SufficientStats  # numpy and scipy: only when CLV is on
+            mine._merge_parts(segment, items)
+        if "cohort_members" in parts:
+            _merge_items(self.cohort_members, items(parts["cohort_members"]))
+            for mine_nested, theirs_nested in ((self.cohort_active, parts["cohort_active"]),
+                                               (self.cohort_max, parts["cohort_max"])):
+                for cohort, hist in theirs_nested:
+                    _merge_items(mine_nested.setdefault(cohort, {}), items(hist))
+        clv = parts.get("clv")
+        if clv is not None:
+            from .clv import SufficientStats  # numpy and scipy: only when CLV is on
 
+            if self.clv is None:
                 self.clv = SufficientStats()
-            self.clv.merge(other.clv)
+            self.clv.merge(clv if isinstance(clv, SufficientStats)
+                           else SufficientStats.from_dict(clv))
 
     @classmethod
     def merged(cls, parts: Iterable[Aggregates]) -> Aggregates:
@@ -361,28 +384,8 @@ class Aggregates:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Aggregates:
-        raw = orjson.loads(data)
-        return cls._from_dict(raw, _from_columns if raw.get("format") == 2 else dict)
-
-    @classmethod
-    def _from_dict(cls, raw: Mapping[str, Any], hist: Callable[[Any], dict]) -> Aggregates:
         aggs = cls()
-        aggs.hists = [hist(h) for h in raw["hists"]]
-        aggs.by_channel = {c: hist(h) for c, h in raw.get("by_channel", {}).items()}
-        aggs.tiers = raw["tiers"]
-        for name, h in raw.get("sums", {}).items():
-            aggs.sums[name] = hist(h)
-        aggs.mentions = {k: hist(h) for k, h in raw.get("mentions", {}).items()}
-        aggs.totals.update(raw["totals"])
-        aggs.segments = {key: cls._from_dict(seg, hist)
-                         for key, seg in raw.get("segments", {}).items()}
-        aggs.cohort_members = hist(raw["cohort_members"]) if "cohort_members" in raw else {}
-        aggs.cohort_active = {c: hist(h) for c, h in raw.get("cohort_active", ())}
-        aggs.cohort_max = {c: hist(h) for c, h in raw.get("cohort_max", ())}
-        if raw.get("clv") is not None:
-            from .clv import SufficientStats
-
-            aggs.clv = SufficientStats.from_dict(raw["clv"])
+        aggs.merge_bytes(data)
         return aggs
 
 
@@ -418,13 +421,22 @@ def _columns(hist: Mapping[int, float]) -> list[list]:
     return [[*keys[:1], *map(sub, keys[1:], keys)], list(map(hist.__getitem__, keys))]
 
 
-def _from_columns(columns: list[list]) -> dict:
-    return dict(zip(accumulate(columns[0]), columns[1], strict=True))
+def _column_items(columns: list[list]) -> Iterable[tuple[int, float]]:
+    return zip(accumulate(columns[0]), columns[1], strict=True)
 
 
-def _merge_hist(mine: dict, theirs: Mapping) -> None:
-    for key, value in theirs.items():
-        _add(mine, key, value)
+def _merge_items(mine: dict, theirs: Iterable) -> None:
+    """Add (key, value) pairs to a histogram (a sum that comes to zero is no entry)."""
+    if not mine:
+        mine.update(theirs)
+        return
+    get = mine.get
+    for key, value in theirs:
+        total = get(key, 0) + value
+        if total:
+            mine[key] = total
+        else:
+            mine.pop(key, None)
 
 
 class _Ranges:

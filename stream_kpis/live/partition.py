@@ -40,7 +40,7 @@ from ..settings import Settings
 from .store import LocalStore
 
 __all__ = ["PartitionTask", "Commit", "InputRecord", "POSITIONS_KEY", "partial_value",
-           "parse_partial"]
+           "parse_partial", "partial_max_ts"]
 
 MEMBER, BUCKET, SEEN, VALUE = b"m:", b"b:", b"s:", b"v:"
 POSITIONS_KEY = b"p"
@@ -83,6 +83,12 @@ def partial_value(max_ts: int | None, positions: Mapping[str, int], aggs_bytes: 
     progress = sum(positions.values())
     return (b"%d|%d|z|" % (-1 if max_ts is None else max_ts, progress)
             + zlib.compress(aggs_bytes, 1))
+
+
+def partial_max_ts(value: bytes) -> int | None:
+    """The largest event ts of a partial, read from its header alone."""
+    max_ts = int(value[:value.index(b"|")])
+    return None if max_ts < 0 else max_ts
 
 
 def parse_partial(value: bytes) -> tuple[int | None, int, bytes]:
