@@ -35,7 +35,7 @@ import orjson
 from stream_kpis.core import Processor
 from stream_kpis.core.events import Event, EventParser
 from stream_kpis.generate import GeneratorConfig, write_jsonl
-from stream_kpis.replay import load_sources, read_csv_rows, replay, source_for_path
+from stream_kpis.replay import BATCH_EVENTS, load_sources, read_csv_rows, replay, source_for_path
 from stream_kpis.settings import Settings, load_settings
 
 __all__ = ["BASELINE", "CSV_BASELINE", "ReplayMeasurement", "best_of", "generate_file",
@@ -80,7 +80,8 @@ def generate_file(members: int, days: int, directory: Path | None = None) -> Pat
 
 def _core_rows(events: list[Event], settings: Settings, repeat: int, baseline: str, prefix: str = ""
                ) -> tuple[list[tuple[str, int, float, str | None]], Processor]:
-    """The apply and evaluate stages: Processor.process per event, and one evaluation."""
+    """The apply and evaluate stages: Processor.process per event, process_batch as replay
+    calls it, and one evaluation."""
 
     def apply() -> Processor:
         processor = Processor(settings, record_churn_history=True)
@@ -89,9 +90,18 @@ def _core_rows(events: list[Event], settings: Settings, repeat: int, baseline: s
             process(event)
         return processor
 
+    def apply_batches() -> Processor:
+        processor = Processor(settings, record_churn_history=True)
+        for start in range(0, len(events), BATCH_EVENTS):
+            processor.process_batch(events[start:start + BATCH_EVENTS])
+        return processor
+
     t_core, processor = best_of(repeat, apply)
+    t_batch, _ = best_of(repeat, apply_batches)
     t_eval, records = best_of(repeat, processor.evaluate)
     return [(f"{prefix}apply: Processor.process (parsed events)", len(events), t_core, baseline),
+            (f"{prefix}apply: Processor.process_batch ({BATCH_EVENTS:,} a batch)", len(events),
+             t_batch, baseline),
             (f"{prefix}evaluate all KPIs once ({len(records)} records)", 1, t_eval, None)], processor
 
 
