@@ -205,8 +205,8 @@ def test_batches_give_what_one_event_at_a_time_gives(events, validity, cuts, seg
     parsed = _parsed(shuffled)
     one_by_one: list = []
     expected = Processor(config, on_signal=one_by_one.append, record_churn_history=True)
-    for event in parsed:
-        expected.process(event)
+    for item in parsed:
+        expected.process(item)
     got, signals = _run_batches(parsed, config, cuts)
     assert got.aggs.to_bytes() == expected.aggs.to_bytes()
     assert got.churn_history == expected.churn_history
