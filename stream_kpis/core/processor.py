@@ -8,7 +8,7 @@ worker, replay and the tests all drive this same class.
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -125,6 +125,116 @@ class Processor:
             return APPLIED
         return self._apply_member_event(event)
 
+    def process_batch(self, events: Iterable[Event]) -> None:
+        """Apply events in order: the same members, aggregates, counts and signals as
+        :meth:`process` on each in turn, so how a stream is cut into batches changes nothing.
+
+        One loop with the per-event bookkeeping of :meth:`process` written in line (the clock,
+        de-duplication, totals, cohorts, the status check), calling the same aggregate updates.
+        Segments, CLV and change tracking (the live worker) go event by event through
+        :meth:`process`.
+        """
+        if self.member_dims or self.clv_model is not None or self.track_changes:
+            for event in events:
+                self.process(event)
+            return
+        members, aggs, totals = self.members, self.aggs, self.aggs.totals
+        bucket_ms, validity = self.bucket_ms, self.validity_ms
+        event_clock = self.settings.clock == "event"
+        bound, guest_bound = self.settings.dedupe_per_member, self.settings.guest_dedupe
+        at_risk = self.settings.at_risk
+        seen_guest = self.seen_without_member
+        event_sums, move_member, touch_index = self._event_sums, aggs.move_member, self.touch_index
+        cohorts = self.cohorts
+        max_ts, K = self.max_ts, self.K
+        applied = duplicates = count = 0
+        try:
+            for event in events:
+                count += 1
+                ts = event.ts
+                if max_ts is None or ts > max_ts:
+                    self.max_ts = max_ts = ts
+                    if event_clock and (K is None or ts // bucket_ms > K):
+                        self.advance(ts // bucket_ms)
+                        K = self.K
+                kind = event.type
+                member_id = event.member_id
+                if member_id is None or kind == SURVEY:
+                    key = f"{kind[0]}|{member_id or ''}|{event.event_id}"  # seen_key
+                    if key in seen_guest:
+                        duplicates += 1
+                        continue
+                    seen_guest[key] = None
+                    if len(seen_guest) > guest_bound:
+                        del seen_guest[next(iter(seen_guest))]
+                    event_sums(event, member_id is not None)
+                    applied += 1
+                    continue
+                state = members.get(member_id)
+                key = kind[0] + event.event_id
+                if state is None:
+                    state = MemberState()
+                    old_view = None
+                    state.seen(key, bound)
+                    old_enrolled = old_max = None
+                else:
+                    recent = state.recent
+                    if key in recent:
+                        duplicates += 1
+                        continue
+                    recent[key] = None
+                    if len(recent) > bound:
+                        del recent[next(iter(recent))]
+                    old_view = member_view(state, bucket_ms)
+                    old_enrolled = state.enrolled_at
+                    old_max = state.months[-1] if state.months else None
+                purchase = kind == PURCHASE
+                had_purchase = state.purchase_count > 0
+                points_event = validity is not None and (kind == REDEMPTION or event.points)
+                if points_event:
+                    aggs.add_lots(state.lot_contributions(validity, bucket_ms), -1)
+                    old_unbacked = state.unbacked
+                state.apply(event, validity)
+                new_view = member_view(state, bucket_ms)
+                move_member(old_view, new_view)
+                if purchase:
+                    totals["lifetime_spend"] += event.amount
+                    totals["points_balance"] += event.points
+                    if not had_purchase:
+                        totals["purchasers"] += 1
+                elif kind == REDEMPTION:
+                    totals["points_balance"] -= event.points
+                if points_event:
+                    contributions = state.lot_contributions(validity, bucket_ms)
+                    aggs.add_lots(contributions, 1)
+                    totals["unbacked"] += state.unbacked - old_unbacked
+                    expiry_index = self.expiry_index
+                    for expiry, _, _ in contributions:
+                        expiry_index.setdefault(expiry, set()).add(member_id)
+                event_sums(event, True)
+                if cohorts:
+                    self._move_cohort_from(state, event, old_view is None, old_enrolled, old_max)
+                old_touch = None if old_view is None else old_view[LAST_TOUCH]
+                touch = new_view[LAST_TOUCH]
+                if touch != old_touch:
+                    if old_touch is not None:
+                        touch_index[old_touch].discard(member_id)
+                    members_at = touch_index.get(touch)
+                    if members_at is None:
+                        touch_index[touch] = {member_id}
+                    else:
+                        members_at.add(member_id)
+                    if state.status != ACTIVE or K is None or touch <= K - at_risk:
+                        self._update_status(member_id, state)
+                if points_event and K is not None:
+                    self._expiry_notices(member_id, state, K)
+                members[member_id] = state
+                applied += 1
+        finally:
+            self.version += count
+            self.applied += applied
+            self.duplicates += duplicates
+
     def _seen_without_member(self, event: Event) -> bool:
         """Whether this event without member state was applied before; remembers it if not
         (at most ``guest_dedupe`` keys: the oldest is forgotten)."""
@@ -237,6 +347,30 @@ class Processor:
             aggs.add_cohort(cohort, months, 1)
         elif new_month is not None:
             aggs.add_cohort_month(cohort, new_month, before[1][-1] if before[1] else None)
+
+    def _move_cohort_from(self, state: MemberState, event: Event, new_member: bool,
+                          old_enrolled: int | None, old_max: int | None) -> None:
+        """:meth:`_move_cohort` after ``event`` was applied, from what the member's cohort was
+        made of before it (enrolled_at, latest activity month) instead of the whole tuple."""
+        new_month = None
+        if event.type == PURCHASE or event.type == REDEMPTION:
+            month = month_of(event.ts // self.bucket_ms * self.bucket_ms)  # the bucket's month
+            if state.add_month(month):
+                new_month = month
+        aggs = self.aggs
+        if new_member:
+            aggs.add_cohort(*self._cohort_of(state), 1)
+            return
+        enrolled = state.enrolled_at
+        if enrolled != old_enrolled:
+            before, cohort = month_of(old_enrolled), month_of(enrolled)
+            if before != cohort:
+                months = state.months or []
+                aggs.add_cohort(before, [m for m in months if m != new_month], -1)
+                aggs.add_cohort(cohort, months, 1)
+                return
+        if new_month is not None:
+            aggs.add_cohort_month(month_of(enrolled), new_month, old_max)
 
     def _move_clv(self, state: MemberState, event: Event) -> None:
         """Re-group the member in the CLV statistics after a purchase (SPEC 4.4)."""
