@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .catalogue import CATALOGUE, MEMBER_DIMENSIONS, ORDER_DIMENSIONS
-from .events import PURCHASE, REDEMPTION, SURVEY, Event
+from .events import ENROLLMENT, PURCHASE, REDEMPTION, SURVEY, Event
 from .kpis import (
     LAST_TOUCH,
     Aggregates,
@@ -23,6 +23,7 @@ from .kpis import (
     churn_snapshots,
     cohort_records,
     evaluate,
+    history_reach,
     member_contribution,
     member_value,
     member_view,
@@ -58,11 +59,16 @@ class Processor:
     store-backed mapping); every changed state is assigned back so that stores see the change.
     ``on_signal`` receives member signals; ``record_churn_history`` keeps a churn snapshot each
     time the event clock leaves a bucket (replay), for churn_reduction.
+
+    The aggregates keep only the history the KPI formulas can still read as the as-of bucket
+    moves on (``bounded_history``, see :meth:`Aggregates.collapse`), so they can no longer be
+    evaluated as of a bucket much before the current one; ``bounded_history=False`` keeps all.
     """
 
     def __init__(self, settings: Settings, members: MutableMapping[str, MemberState] | None = None,
                  *, on_signal: Callable[[Signal], None] | None = None,
-                 record_churn_history: bool = False, track_changes: bool = False) -> None:
+                 record_churn_history: bool = False, track_changes: bool = False,
+                 bounded_history: bool = True) -> None:
         self.settings = settings
         self.bucket_ms = settings.bucket_ms
         self.validity_ms = settings.points_validity_ms
@@ -73,6 +79,7 @@ class Processor:
         self.track_changes = track_changes  # live: remember what to persist at the next flush
         self.changed_buckets: set[int] = set()
         self.changed_seen: set[str] = set()
+        self.changed_values: set[str] = set()  # order-dimension values new in this batch
         self.on_signal = on_signal
         self.record_churn_history = record_churn_history
         self.churn_history: dict[int, dict[int, tuple[int, int]]] = {}
@@ -86,6 +93,11 @@ class Processor:
         self.member_dims = tuple(d for d in settings.segments if d in MEMBER_DIMENSIONS)
         self.order_dims = tuple(d for d in settings.segments if d in ORDER_DIMENSIONS)
         self.cohorts = settings.cohorts > 0
+        self.reach = history_reach(settings.windows, settings.churn_horizon, settings.settle)
+        # the floor moves in steps of at least a bucket and at most a week (fewer collapses),
+        # which is also the slack for an exporter whose wall clock lags this one's
+        self.floor_step = max(1, min(self.reach // 8, 7 * 86_400_000 // self.bucket_ms))
+        self.bounded_history = bounded_history
         self.clv_model = None
         if settings.clv:
             from .clv import SufficientStats  # numpy and scipy: only when CLV is on
@@ -236,12 +248,30 @@ class Processor:
         state.add_purchase_day(event.ts // DAY_MS, event.amount)
         stats.add(member_key(dict(state.purchase_days), UNCLAMPED_DAY))
 
+    def _order_segments(self, event: Event) -> list[Aggregates]:
+        """The segments of a purchase's order-dimension values; a value is known (reported)
+        from its first purchase on, even one older than every window."""
+        out = []
+        segments = self.aggs.segments
+        for dimension in self.order_dims:
+            value = (event.channel if dimension == "channel" else event.store_id) or UNKNOWN
+            segment = segments.get(f"{dimension}\t{value}")
+            if segment is None:
+                segment = self.aggs.segment(dimension, value)
+                if self.track_changes:
+                    self.changed_values.add(f"{dimension}\t{value}")
+            out.append(segment)
+        return out
+
     def _event_sums(self, event: Event, member: bool) -> None:
         bucket = event.ts // self.bucket_ms
+        kind = event.type
+        order_segments = self._order_segments(event) if self.order_dims and kind == PURCHASE else ()
+        if bucket <= self.aggs.floor or kind == ENROLLMENT:
+            return  # no window reaches back there any more; an enrollment has no event sums
         if self.track_changes:
             self.changed_buckets.add(bucket)
         sums = self.aggs.sums
-        kind = event.type
         if kind == PURCHASE:
             who = _MEMBER_SUMS if member else _GUEST_SUMS
             hist = sums[who[0]]
@@ -253,9 +283,7 @@ class Processor:
                 hist[bucket] = hist.get(bucket, 0) + event.margin
                 hist = sums[who[3]]
                 hist[bucket] = hist.get(bucket, 0) + 1
-            for dimension in self.order_dims:
-                value = (event.channel if dimension == "channel" else event.store_id) or UNKNOWN
-                segment = self.aggs.segment(dimension, value)
+            for segment in order_segments:
                 segment.add(who[0], bucket, event.amount)
                 segment.add(who[1], bucket, 1)
                 if event.margin is not None:
@@ -313,6 +341,24 @@ class Processor:
         for bucket in expiry_buckets:
             for member_id in list(self.expiry_index.get(bucket, ())):
                 self._expiry_notices(member_id, self.members[member_id], K)
+        self.trim_history()
+
+    def history_floor(self, K: int) -> int:
+        """The floor of the aggregates as of K: a function of K alone (a recovered partition
+        folds exactly what it had folded), at most K - reach - step."""
+        step = self.floor_step
+        return ((K - self.reach) // step - 1) * step
+
+    def trim_history(self) -> None:
+        """Fold the history no KPI can read any more as of the current K (bounded_history);
+        with track_changes the dropped buckets' records are deleted at the next flush."""
+        if not self.bounded_history or self.K is None:
+            return
+        floor = self.history_floor(self.K)
+        if floor > self.aggs.floor:
+            dropped = self.aggs.collapse(floor)
+            if self.track_changes:
+                self.changed_buckets |= dropped
 
     def _record_churn_history(self, previous: int, K: int) -> None:
         """Snapshots as of every bucket the clock passed through, [previous, K) (the state did
@@ -469,8 +515,10 @@ def member_status(state: MemberState, K: int, settings: Settings) -> dict[str, A
 class PartitionStore:
     """Persistence of one Processor's state as records (the live worker's state log).
 
-    Three record kinds, all plain bytes: member states (``MemberState.to_bytes``), bucket records
-    (the event sums of one bucket) and de-duplication entries for events without member state.
+    Four record kinds, all plain bytes: member states (``MemberState.to_bytes``), bucket records
+    (the event sums of one bucket), de-duplication entries for events without member state,
+    and the order-dimension values seen (their sums may all be folded away, see
+    :meth:`Processor.trim_history`).
     Everything else (histograms, indexes) is derived from them when a partition is (re)assigned,
     so the state log is the only state that moves.
     """

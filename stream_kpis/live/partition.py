@@ -13,9 +13,11 @@ from the local store and the state log, which only ever hold committed batches
 State log records (key -> value, one per changed key and batch):
 
 * ``m:<member_id>`` -> ``MemberState.to_bytes()``
-* ``b:<bucket>`` -> the event sums of one bucket (guests, surveys, revenue, points, mentions)
+* ``b:<bucket>`` -> the event sums of one bucket (guests, surveys, revenue, points, mentions),
+  or None once the bucket is at or before the aggregates' floor (no window reaches it)
 * ``s:<dedupe key>`` -> b"" (de-duplication entry of an event without member state),
   or None (a tombstone: the entry was evicted)
+* ``v:<dimension>\t<value>`` -> b"": an order-dimension value some purchase had (SPEC 4.2)
 * ``p`` -> ``{"positions": {topic: next offset}, "max_ts": largest event ts seen}``, written by
   every batch
 """
@@ -40,7 +42,7 @@ from .store import LocalStore
 __all__ = ["PartitionTask", "Commit", "InputRecord", "POSITIONS_KEY", "partial_value",
            "parse_partial", "member_statuses", "statuses_from_records"]
 
-MEMBER, BUCKET, SEEN = b"m:", b"b:", b"s:"
+MEMBER, BUCKET, SEEN, VALUE = b"m:", b"b:", b"s:", b"v:"
 POSITIONS_KEY = b"p"
 
 WRONG_KEY_DETAIL = ("the Kafka message key must be the member_id (the event_id for guest events) "
@@ -207,6 +209,8 @@ class PartitionTask:
                 PartitionStore.load_bucket(processor, int(key[2:]), value)
             elif kind == SEEN:
                 processor.seen_without_member[key[2:].decode()] = None
+            elif kind == VALUE:
+                processor.aggs.segment(*key[2:].decode().split("\t", 1))
             elif key == POSITIONS_KEY:
                 recorded = orjson.loads(value)
                 if "positions" in recorded:
@@ -222,6 +226,7 @@ class PartitionTask:
             processor.K = processor.max_ts // self.settings.bucket_ms
         if self.settings.clock == "wall":
             processor.K = int(time.time() * 1000) // self.settings.bucket_ms
+        processor.trim_history()
         self.published_version = -1 if processor.max_ts is not None else 0
 
     def position(self, topic: str) -> int:
@@ -277,14 +282,18 @@ class PartitionTask:
         commit.as_of, commit.clv_params = processor.K, clv_params
         if with_statuses:
             commit.member_statuses.update(self.changed_statuses(clv_params))
-        for bucket in processor.changed_buckets:
-            state.append((BUCKET + str(bucket).encode(),
-                          PartitionStore.bucket_record(processor, bucket)))
+        floor = processor.aggs.floor
+        for bucket in processor.changed_buckets:  # at or before the floor: folded away
+            state.append((BUCKET + str(bucket).encode(), None if bucket <= floor
+                          else PartitionStore.bucket_record(processor, bucket)))
         for key in processor.changed_seen:
             value = b"" if key in processor.seen_without_member else None
             state.append((SEEN + key.encode(), value))
+        for key in processor.changed_values:
+            state.append((VALUE + key.encode(), b""))
         processor.changed_buckets.clear()
         processor.changed_seen.clear()
+        processor.changed_values.clear()
         commit.signals, self.signals = self.signals, []
         commit.signal_counts, self.signal_counts = self.signal_counts, {}
         version = processor.version
