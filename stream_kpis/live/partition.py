@@ -40,7 +40,7 @@ from ..settings import Settings
 from .store import LocalStore
 
 __all__ = ["PartitionTask", "Commit", "InputRecord", "POSITIONS_KEY", "partial_value",
-           "parse_partial", "partial_max_ts"]
+           "parse_partial", "partial_max_ts", "member_statuses", "statuses_from_records"]
 
 MEMBER, BUCKET, SEEN, VALUE = b"m:", b"b:", b"s:", b"v:"
 POSITIONS_KEY = b"p"
@@ -72,6 +72,9 @@ class Commit:
     partial: bytes | None = None                          # this partition's aggregates
     positions: dict[str, int] = field(default_factory=dict)  # input topic -> next offset
     member_statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # for Redis
+    members: dict[str, bytes] = field(default_factory=dict)  # member_id -> its state record
+    as_of: int | None = None            # the as-of bucket of the batch's member states
+    clv_params: tuple | None = None     # the CLV fit the member states' predictions use
     outcomes: dict[tuple[str, str], int] = field(default_factory=dict)  # (topic, outcome) -> n
 
 
@@ -89,6 +92,28 @@ def partial_max_ts(value: bytes) -> int | None:
     """The largest event ts of a partial, read from its header alone."""
     max_ts = int(value[:value.index(b"|")])
     return None if max_ts < 0 else max_ts
+
+
+def member_statuses(states: list[MemberState], K: int, settings: Settings,
+                    clv_params: tuple | None = None) -> list[dict[str, Any]]:
+    """The read-model statuses of these member states as of K, with their CLV predictions
+    when ``clv_params`` (BG/NBD, Gamma-Gamma parameters of the latest fit) are given."""
+    statuses = [member_status(state, K, settings) for state in states]
+    if clv_params is not None and clv_params[0]:
+        from ..core.predictive import member_predictions  # numpy and scipy: CLV only
+
+        predictions = member_predictions(states, K, settings, *clv_params)
+        for status, prediction in zip(statuses, predictions, strict=True):
+            if prediction is not None:
+                status.update(prediction)
+    return statuses
+
+
+def statuses_from_records(settings: Settings, K: int, clv_params: tuple | None,
+                          records: list[bytes]) -> list[dict[str, Any]]:
+    """:func:`member_statuses` of members given by their state records (``MemberState.to_bytes``)."""
+    return member_statuses([MemberState.from_bytes(record) for record in records], K, settings,
+                           clv_params)
 
 
 def parse_partial(value: bytes) -> tuple[int | None, int, bytes]:
@@ -256,20 +281,13 @@ class PartitionTask:
         self.pending = commit
         processor = self.processor
         state = commit.state
-        K = processor.K
-        for member_id, member in self.members.dirty.items():
-            state.append((MEMBER + member_id.encode(), member.to_bytes()))
-            if with_statuses and K is not None:
-                commit.member_statuses[member_id] = member_status(member, K, self.settings)
-        if with_statuses and K is not None and clv_params is not None and clv_params[0]:
-            from ..core.predictive import member_predictions  # numpy and scipy: CLV only
-
-            ids = list(commit.member_statuses)
-            predictions = member_predictions([self.members.dirty[m] for m in ids], K,
-                                             self.settings, *clv_params)
-            for member_id, prediction in zip(ids, predictions, strict=True):
-                if prediction is not None:
-                    commit.member_statuses[member_id].update(prediction)
+        dirty = self.members.dirty
+        records = [member.to_bytes() for member in dirty.values()]
+        state += zip([MEMBER + member_id.encode() for member_id in dirty], records, strict=True)
+        commit.members = dict(zip(dirty, records, strict=True))
+        commit.as_of, commit.clv_params = processor.K, clv_params
+        if with_statuses:
+            commit.member_statuses.update(self.changed_statuses(clv_params))
         floor = processor.aggs.floor
         for bucket in processor.changed_buckets:  # at or before the floor: folded away
             state.append((BUCKET + str(bucket).encode(), None if bucket <= floor
@@ -295,6 +313,17 @@ class PartitionTask:
         state.append((POSITIONS_KEY, orjson.dumps({"positions": commit.positions,
                                                    "max_ts": processor.max_ts})))
         return commit
+
+    def changed_statuses(self, clv_params: tuple | None = None) -> dict[str, dict[str, Any]]:
+        """The read-model status of every member the batch changed (none before the as-of
+        bucket is known), with their CLV predictions when ``clv_params`` (BG/NBD, Gamma-Gamma
+        parameters of the latest fit) are given."""
+        K = self.processor.K
+        if K is None:
+            return {}
+        dirty = self.members.dirty
+        return dict(zip(dirty, member_statuses(list(dirty.values()), K, self.settings,
+                                               clv_params), strict=True))
 
     def committed(self, commit: Commit, log_end: int | None) -> None:
         """The Commit is durable: write its state records to the local store."""
