@@ -17,6 +17,14 @@ cohorts (12 x 12); then, as the live exporter does at each emission, every parti
 ``--segments none`` runs the same without segments, for comparison; ``--compare`` runs both, each
 in a fresh process (RSS is per process), and prints one table. Not part of ``run.py``.
 
+``--live`` measures what a user runs instead: the same events produced to fresh topics on the
+local broker (4 partitions), one ``stream-kpis worker`` (RocksDB store, no Redis, event clock,
+``[kpis] segments`` = all five or none) consuming them all and exporting; printed are the worker's
+RSS once everything is applied (the largest reading over the next three emit intervals, which
+cover the last partials and the exporter's evaluation of them),
+its ``stream_kpis_partial_bytes`` (the published partials) and ``stream_kpis_kpi_evaluation_seconds``
+(merge + evaluate of the last emission). ``--live --compare`` runs none, then all.
+
 Data, per member (members enroll evenly over 330 days from 2024-01-01, in that order): an
 enrollment with a channel (web/app/store/partner) and a tier (bronze 70 %, silver 22 %, gold 8 %);
 a first purchase 0-20 days later at one of 50 stores (its home store) with a channel and the tier;
@@ -26,12 +34,14 @@ time order, members one after the other (event time moves forward by enrollment)
 
     .venv/bin/python benchmarks/segments.py --compare                # 1M members, ~3 min
     .venv/bin/python benchmarks/segments.py --members 100000 --segments none
+    .venv/bin/python benchmarks/segments.py --live --compare               # ~10 min, broker up
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import statistics
@@ -59,6 +69,7 @@ TIERS = ("bronze",) * 70 + ("silver",) * 22 + ("gold",) * 8
 ENROLL_CHANNELS = ("web", "app", "store", "partner")
 PURCHASE_CHANNELS = ("store", "store", "store", "web", "app")
 EMISSIONS = 5
+EMIT_INTERVAL_S = 10  # --live: the worker's emit_interval (the default)
 
 
 def events(members: int, seed: int) -> Iterator[Event]:
@@ -166,6 +177,90 @@ def measure(members: int, partitions: int, segments: bool, seed: int) -> dict[st
     }
 
 
+def _json(event: Event) -> bytes:
+    body = {name: getattr(event, name) for name in ("event_id", "member_id", "ts", "amount",
+                                                     "margin", "channel", "store_id", "tier")}
+    if event.type != "enrollment" and event.points:
+        body["points"] = event.points
+    return json.dumps({k: v for k, v in body.items() if v is not None or k == "member_id"}).encode()
+
+
+def measure_live(members: int, segments: bool, seed: int) -> dict[str, float]:
+    """One stream-kpis worker over the same events on the local broker (see the docstring)."""
+    import shutil
+    import tempfile
+
+    import common  # benchmarks/common.py
+
+    from stream_kpis.live.kafka_tools import create_topics
+    from stream_kpis.settings import load_settings
+
+    if not common.broker_reachable():
+        raise SystemExit("--live needs the local broker: deploy/local/kafka.sh up")
+    app_id = common.bench_id("segments-" + ("all" if segments else "none"))
+    tmp = Path(tempfile.mkdtemp(prefix="stream-kpis-segments-"))
+    config = tmp / "config.toml"
+    dimensions = ", ".join(f'"{d}"' for d in SEGMENT_DIMENSIONS) if segments else ""
+    config.write_text(f"[kpis]\nsegments = [{dimensions}]\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_KPIS_")}
+    env.update({"STREAM_KPIS_BROKER": common.BROKER_URL, "STREAM_KPIS_APP_ID": app_id,
+                "STREAM_KPIS_TOPIC_PREFIX": f"{app_id}.", "STREAM_KPIS_PARTITIONS": "4",
+                "STREAM_KPIS_CLOCK": "event", "STREAM_KPIS_REDIS_URL": "none",
+                "STREAM_KPIS_STORE": "rocksdb://", "STREAM_KPIS_DATA_DIR": str(tmp / "data"),
+                "STREAM_KPIS_WEB_HOST": "127.0.0.1", "STREAM_KPIS_WEB_PORT": str(common.free_port()),
+                "STREAM_KPIS_CONFIG": str(config),
+                "STREAM_KPIS_EMIT_INTERVAL": f"{EMIT_INTERVAL_S}s"})
+    settings = load_settings(None, env=env)
+    create_topics(settings)
+    topics = settings.topics.inputs()
+    worker = None
+    try:
+        started = time.monotonic()
+        count = common.produce(((topics[e.type], (e.member_id or e.event_id).encode(), _json(e))
+                                for e in events(members, seed)), timeout=900)
+        produced_s = time.monotonic() - started
+        worker = common.Worker(env, tmp / "worker.log")
+        started = time.monotonic()
+        common.wait_until(lambda: worker.check_alive() or worker.events_seen() >= count, 1800,
+                          f"the worker applying {count:,} events", 1.0)
+        applied_s = time.monotonic() - started
+        # the last partials go out within an emit interval, and the exporter evaluates them
+        # within the next: RSS over three intervals covers both (an emission without a change
+        # publishes nothing, so there is no counter to wait for)
+        readings = []
+        for _ in range(int(3 * EMIT_INTERVAL_S / 0.5)):
+            time.sleep(0.5)
+            readings.append(common.rss_bytes(worker.pid))
+        worker.check_alive()
+        metrics = worker.metrics()
+        partials = [v for k, v in metrics.items() if k.startswith("stream_kpis_partial_bytes{")]
+        return {"members": members, "events": count, "produce_s": produced_s,
+                "apply_s": applied_s, "events_per_s": count / applied_s,
+                "rss_mib": max(readings) / 2**20,
+                "partial_max_kib": max(partials, default=0) / 1024,
+                "partial_total_kib": sum(partials) / 1024,
+                "evaluation_s": metrics.get("stream_kpis_kpi_evaluation_seconds", float("nan")),
+                "members_gauge": metrics.get('stream_kpis_table_rows{table="members"}', 0)}
+    finally:
+        if worker is not None:
+            worker.stop()
+        common.delete_topics(f"{app_id}.")
+        common.delete_topics(f"{app_id}-")
+        common.delete_groups(common.worker_groups(app_id))
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+LIVE_ROWS = (
+    ("events", "events", "{:,.0f}"),
+    ("members (gauge)", "members_gauge", "{:,.0f}"),
+    ("produce, s / worker applies everything, s", ("produce_s", "apply_s"), "{:,.0f} / {:,.0f}"),
+    ("worker, events/s", "events_per_s", "{:,.0f}"),
+    ("worker RSS (largest over 3 emit intervals after), MiB", "rss_mib", "{:,.0f}"),
+    ("published partial (zlib), max KiB / all partitions", ("partial_max_kib", "partial_total_kib"),
+     "{:,.0f} / {:,.0f}"),
+    ("last emission: merge + evaluate, s", "evaluation_s", "{:,.2f}"),
+)
+
 ROWS = (
     ("events", "events", "{:,.0f}"),
     ("ingest, events/s (one process, all partitions)", "events_per_s", "{:,.0f}"),
@@ -184,18 +279,20 @@ ROWS = (
 )
 
 
-def table(results: dict[str, dict[str, float]], members: int, partitions: int) -> str:
+def table(results: dict[str, dict[str, float]], members: int, partitions: int,
+          live: bool = False) -> str:
     names = list(results)
-    lines = [f"{members:,} members, {partitions} partitions, median of {EMISSIONS} emissions",
-             "",
+    title = (f"{members:,} members, one stream-kpis worker, 4 partitions" if live else
+             f"{members:,} members, {partitions} partitions, median of {EMISSIONS} emissions")
+    lines = [title, "",
              "| " + " | ".join(["what", *names]) + " |",
              "|" + "---|" * (len(names) + 1)]
-    for label, keys, fmt in ROWS:
+    for label, keys, fmt in LIVE_ROWS if live else ROWS:
         keys = keys if isinstance(keys, tuple) else (keys,)
         cells = [fmt.format(*(results[name][k] for k in keys)) for name in names]
         lines.append("| " + " | ".join([label, *cells]) + " |")
     for name, result in results.items():
-        if result["by_dimension_kib"]:
+        if result.get("by_dimension_kib"):
             parts = ", ".join(f"{dimension} {kib:,.0f}"
                               for dimension, kib in result["by_dimension_kib"].items())
             lines.append(f"\n{name}: KiB of partition 0's partial by dimension: {parts}")
@@ -210,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segments", choices=("all", "none"), default="all")
     parser.add_argument("--compare", action="store_true",
                         help="run --segments none and all, each in its own process")
+    parser.add_argument("--live", action="store_true",
+                        help="one stream-kpis worker on the local broker instead of the core alone")
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # one result line
     args = parser.parse_args(argv)
     if args.compare:
@@ -217,16 +316,21 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("none", "all"):
             done = subprocess.run(
                 [sys.executable, __file__, "--members", str(args.members), "--partitions",
-                 str(args.partitions), "--seed", str(args.seed), "--segments", mode, "--raw"],
+                 str(args.partitions), "--seed", str(args.seed), "--segments", mode, "--raw",
+                 *(["--live"] if args.live else [])],
                 capture_output=True, text=True, check=True)
             results[f"segments: {mode}"] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(table(results, args.members, args.partitions))
+        print(table(results, args.members, args.partitions, args.live))
         return 0
-    result = measure(args.members, args.partitions, args.segments == "all", args.seed)
+    if args.live:
+        result = measure_live(args.members, args.segments == "all", args.seed)
+    else:
+        result = measure(args.members, args.partitions, args.segments == "all", args.seed)
     if args.raw:
         print(json.dumps(result))
     else:
-        print(table({f"segments: {args.segments}": result}, args.members, args.partitions))
+        print(table({f"segments: {args.segments}": result}, args.members, args.partitions,
+                    args.live))
     return 0
 
 

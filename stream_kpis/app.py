@@ -213,6 +213,8 @@ class Pipeline:
                 metrics.count_dead_letters(topic, outcome.removeprefix("dead_letter:"), n)
         for signal, n in commit.signal_counts.items():
             metrics.count_signal(signal, n)
+        if commit.partial is not None:
+            metrics.set_partial_bytes(commit.partition, len(commit.partial))
         if self.readmodel is not None and commit.as_of is not None:
             # the statuses are made at the read model's next flush, from the committed state
             # records: once per member and flush, not once per member and batch
@@ -226,7 +228,7 @@ class Pipeline:
         self.kpi_gauges.update(records)
         if self.readmodel is not None:
             self.readmodel.publish_kpis(records)
-        self.metrics.record_kpi_emission()
+        self.metrics.record_kpi_emission(seconds=self.exporter.last_evaluation_s)
 
     async def tick(self) -> None:
         """Every emit interval: the read model, lags, stalls, sizes."""

@@ -124,6 +124,7 @@ class ExporterConsumer:
         self.exporter: Exporter | None = None
         self.catch_up_to = 0
         self.last_emit = 0.0
+        self.last_evaluation_s: float | None = None  # merge + evaluate of the latest emission
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.stopping = asyncio.Event()
@@ -177,8 +178,10 @@ class ExporterConsumer:
 
     async def _emit(self, exporter: Exporter) -> None:
         # merging, segments and the CLV fit take a while: off the loop the ingest shares
+        started = time.monotonic()
         records = await asyncio.to_thread(exporter.evaluate)
         self.last_emit = time.monotonic()
+        self.last_evaluation_s = self.last_emit - started
         if not records:
             return
         topics = self.settings.topics.kpi_topics()

@@ -96,7 +96,8 @@ class WorkerMetrics:
     The metric objects are public attributes (``events``, ``dead_letters``, ``duplicates``,
     ``processing_seconds``, ``event_lag_seconds``, ``watermark_lag_seconds``,
     ``consumer_lag_messages``, ``table_rows``, ``kpi_emissions``, ``last_emit_timestamp``,
-    ``global_exporter``, ``signals``, ``redis_errors``); the methods are the intended way to
+    ``global_exporter``, ``signals``, ``redis_errors``, ``partial_bytes``,
+    ``kpi_evaluation_seconds``); the methods are the intended way to
     update them. The outcome methods keep the counters consistent: a duplicate counts in
     both ``events_total{outcome="duplicate"}`` and ``duplicates_total``, a dead letter in
     both ``events_total{outcome="dead_letter"}`` and ``dead_letters_total``.
@@ -150,6 +151,14 @@ class WorkerMetrics:
             "Batch transactions that did not commit (reason: fenced by a newer owner, or error);"
             " the partition's state is then recovered from its state log.",
             ["reason"], registry=registry)
+        self.partial_bytes = Gauge(
+            "stream_kpis_partial_bytes",
+            "Size of the last partial this worker published for an input partition (its "
+            "aggregates for the exporter, compressed).", ["partition"], registry=registry)
+        self.kpi_evaluation_seconds = Gauge(
+            "stream_kpis_kpi_evaluation_seconds",
+            "Time the last KPI emission took to merge the partials and evaluate every KPI.",
+            registry=registry)
         self.stalled_partitions = Gauge(
             "stream_kpis_stalled_partitions",
             "Input partitions this worker is assigned that have lag but made no progress for "
@@ -236,10 +245,16 @@ class WorkerMetrics:
         """Set the number of rows in worker table ``table`` (e.g. ``members``)."""
         _cached_child(self._table_children, self.table_rows, table).set(rows)
 
-    def record_kpi_emission(self, now: float | None = None) -> None:
-        """Count one published KPI evaluation and stamp its unix time (default: now)."""
+    def record_kpi_emission(self, now: float | None = None, seconds: float | None = None) -> None:
+        """Count one published KPI evaluation and stamp its unix time (default: now); with
+        ``seconds``, the time its evaluation took."""
         self.kpi_emissions.inc()
         self.last_emit_timestamp.set(time.time() if now is None else now)
+        if seconds is not None:
+            self.kpi_evaluation_seconds.set(seconds)
+
+    def set_partial_bytes(self, partition: int, size: int) -> None:
+        self.partial_bytes.labels(str(partition)).set(size)
 
 
 def _cached_child(cache: dict[str, Any], metric: Any, label_value: str) -> Any:

@@ -106,7 +106,9 @@ def test_histograms_gauges_and_counters(registry, metrics):
     metrics.count_redis_error()
     metrics.count_redis_error()
     metrics.record_kpi_emission(now=1_700_000_000.0)
-    metrics.record_kpi_emission(now=1_700_000_010.0)
+    metrics.record_kpi_emission(now=1_700_000_010.0, seconds=0.25)
+    metrics.set_partial_bytes(3, 1200)
+    metrics.set_partial_bytes(3, 1100)
 
     get = registry.get_sample_value
     assert get("stream_kpis_processing_seconds_count") == 3
@@ -123,6 +125,8 @@ def test_histograms_gauges_and_counters(registry, metrics):
     assert get("stream_kpis_redis_errors_total") == 2
     assert get("stream_kpis_kpi_emissions_total") == 2
     assert get("stream_kpis_last_emit_timestamp_seconds") == 1_700_000_010.0
+    assert get("stream_kpis_kpi_evaluation_seconds") == 0.25
+    assert get("stream_kpis_partial_bytes", {"partition": "3"}) == 1100
 
 
 def test_worker_metrics_stay_off_the_global_registry(registry):
