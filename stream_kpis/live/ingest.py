@@ -74,14 +74,15 @@ class Ingest:
     def __init__(self, settings: Settings, state_log: StateLog,
                  open_store: Callable[[int], LocalStore], *, metrics: Any = None,
                  on_committed: Callable[[Commit], None] | None = None,
-                 with_statuses: bool = False, clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.state_log = state_log
         self.open_store = open_store
         self.metrics = metrics
         self.on_committed = on_committed
-        self.with_statuses = with_statuses  # member statuses for the read model, per commit
-        self.clv_params: tuple | None = None  # the latest fit's parameters, for the read model
+        # the latest fit's parameters: each Commit carries them, and the read model's statuses
+        # (made from the commit's member records at its next flush) use them
+        self.clv_params: tuple | None = None
         self.clock = clock
         self.topic_types = {name: kind for kind, name in settings.topics.inputs().items()}
         self.parser = EventParser(settings.max_event_bytes, settings.max_skew_ms)
@@ -184,9 +185,7 @@ class Ingest:
                     task.apply(batch, now_ms)
                 if self.settings.clock == "wall":
                     task.advance(now_ms // self.settings.bucket_ms)
-                commit = task.take_commit(with_partial=partial_due,
-                                          with_statuses=self.with_statuses,
-                                          clv_params=self.clv_params)
+                commit = task.take_commit(with_partial=partial_due, clv_params=self.clv_params)
                 if commit is not None:
                     commits.append(commit)
             if commits:
