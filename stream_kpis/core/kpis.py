@@ -317,33 +317,48 @@ class _Ranges:
     """Range sums over a bucket histogram as of K, where buckets after K count as K.
 
     Expiry buckets of point lots are not event times and are not clamped (``clamp=False``).
+    An evaluation asks each histogram for a handful of ranges, so a histogram of integers (every
+    count, points) sums the slice of its sorted values that a range covers: exact, and cheaper
+    than building prefix sums of its whole history. A histogram holding floats (amounts,
+    margins) answers from prefix sums, the difference of two left-to-right sums as always, so
+    that no reported value changes by a rounding.
     """
 
-    __slots__ = ("keys", "prefix", "K")
+    __slots__ = ("keys", "values", "prefix", "K")
 
     def __init__(self, hist: Mapping[int, float], K: int, clamp: bool = True) -> None:
         keys = sorted(hist)
-        values = [hist[key] for key in keys]
+        values = list(map(hist.__getitem__, keys))
         if clamp:
             cut = bisect_left(keys, K)
             if cut < len(keys):  # buckets at or after K all count as K
                 keys[cut:] = [K]
                 values[cut:] = [sum(values[cut:])]
         self.keys = keys
-        self.prefix = [0, *accumulate(values)]
         self.K = K
+        if type(sum(values)) is int:  # no float among the values
+            self.values, self.prefix = values, None
+        else:
+            self.values, self.prefix = None, [0, *accumulate(values)]
 
     def between(self, lo: int, hi: int) -> float:
         """Sum over clamped buckets in [lo, hi]."""
         if hi < lo:
             return 0
-        return self.prefix[bisect_right(self.keys, hi)] - self.prefix[bisect_left(self.keys, lo)]
+        start, stop = bisect_left(self.keys, lo), bisect_right(self.keys, hi)
+        if self.prefix is None:
+            return sum(self.values[start:stop])
+        return self.prefix[stop] - self.prefix[start]
 
     def upto(self, hi: int) -> float:
-        return self.prefix[bisect_right(self.keys, hi)]
+        stop = bisect_right(self.keys, hi)
+        return sum(self.values[:stop]) if self.prefix is None else self.prefix[stop]
 
     def since(self, lo: int) -> float:
-        return self.prefix[-1] - self.prefix[bisect_left(self.keys, lo)]
+        start = bisect_left(self.keys, lo)
+        if self.prefix is None:
+            return sum(self.values[start:])
+        return self.prefix[-1] - self.prefix[start]
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
