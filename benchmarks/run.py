@@ -44,6 +44,7 @@ import clv as clv_bench  # noqa: E402
 import common  # noqa: E402  (benchmarks/ is not a package)
 import pyspy  # noqa: E402
 import replay as replay_bench  # noqa: E402
+import stages as stages_bench  # noqa: E402
 from common import (  # noqa: E402
     BOOTSTRAP,
     BROKER_URL,
@@ -61,9 +62,11 @@ from stream_kpis.live.kafka_tools import _file_messages, create_topics  # noqa: 
 from stream_kpis.replay import source_for_path  # noqa: E402
 from stream_kpis.settings import Settings, load_settings  # noqa: E402
 
-BENCHES = ("limit", "worker", "plain_faust", "latency", "memory", "recovery", "replay", "clv")
+BENCHES = ("limit", "worker", "stages", "plain_faust", "latency", "memory", "recovery", "replay",
+           "clv")
 #: A bench whose ratios or state need another one.
-NEEDS = {"worker": ("limit",), "plain_faust": ("limit",), "recovery": ("memory",)}
+NEEDS = {"worker": ("limit",), "stages": ("limit", "worker"), "plain_faust": ("limit",),
+         "recovery": ("memory",)}
 PARTITIONS = 4
 #: Labels of the worker's variants (throughput rows, goals).
 WORKER, WORKER_REDIS = "stream-kpis worker", "stream-kpis worker + Redis read model"
@@ -111,6 +114,7 @@ GOALS = {
     "recovery_empty": "recovery of 1M members from an empty data dir < 60 s (11)",
     "recovery_kept": "recovery of 1M members from a kept data dir < 10 s (11)",
     "replay": "JSONL replay >= 300k events/s (12)",
+    "replay_csv": "mapped CSV replay, every KPI on, >= 0.3x csv.DictReader (12)",
 }
 #: Offered load of the latency goal (issue 11).
 LATENCY_GOAL_RATE = 5_000
@@ -408,6 +412,46 @@ def _redis_url() -> str | None:
             client.close()
     except Exception:  # not installed, not running, refused: no Redis variant
         return None
+
+
+# ---- 2b: the worker's path stage by stage ------------------------------------------------------
+
+def bench_stages(run: Run) -> None:
+    """The worker's path on the throughput dataset, stage by stage (benchmarks/stages.py): the
+    records read from the broker by a raw consumer (the read stage), then parsed, validated,
+    applied, persisted and sent to the read model in-process, in the worker's batch sizes."""
+    prefix, total = run.dataset()
+    topics = list(_topics(prefix).inputs().values())
+    started = time.thread_time()
+    by_partition, read_wall = asyncio.run(stages_bench.read_topics(topics, BOOTSTRAP, total))
+    read_cpu = time.thread_time() - started
+    records = sum(len(rs) for rs in by_partition.values())  # aiokafka's records serve as they are
+    redis_url = _redis_url()
+    redis_prefix = f"{run.run_id}-stages:"
+    if redis_url:
+        run.redis_prefixes.append(redis_prefix)
+    settings = run.settings(run.worker_env(f"{run.run_id}-stages", prefix))
+    times = stages_bench.measure(by_partition, settings, run.tmp / "stages", redis_url=redis_url,
+                                 redis_prefix=redis_prefix)
+    rows = stages_bench.rows(times, (records, read_cpu))
+    cpu_total = sum(us for _, _, us, _ in rows if us is not None)
+    worker = run.facts.get("worker", {})
+    for stage, what, us, rate in rows:
+        if stage == "read":
+            what = f"{what}; wall {records / read_wall:,.0f} records/s"
+        if us is None:
+            run.add(Row("stages", f"{stage}: {what}", times.seconds[stage] * 1000, "ms"))
+            continue
+        run.add(Row("stages", f"{stage}: {what}", us, "us/event", "sum",
+                    us / cpu_total, f"{rate:,.0f} events/s"))
+    note = (f"{times.records:,} records in {times.commits} commits; {times.statuses:,} member "
+            f"updates for {times.members_flushed:,} members; partials {times.partial_ms:.0f} ms")
+    run.add(Row("stages", "sum of the stages (CPU time of one thread)", cpu_total, "us/event",
+                "sum", 1.0, note))
+    for label, rate in worker.items():
+        if rate:
+            run.add(Row("stages", f"{label}, end to end (its row above)", 1e6 / rate, "us/event",
+                        "sum", 1e6 / rate / cpu_total, f"{rate:,.0f} events/s"))
 
 
 # ---- 3: the plain Faust app --------------------------------------------------------------------
@@ -792,19 +836,26 @@ def bench_recovery(run: Run) -> None:
 # ---- 7: replay ---------------------------------------------------------------------------------
 
 def bench_replay(run: Run) -> None:
+    """JSONL replay (against reading + orjson) and mapped-CSV replay with every KPI on (against
+    csv.DictReader over the same files), and their stages one at a time (benchmarks/replay.py)."""
     path = replay_bench.generate_file(run.sizes.replay_members, 90, run.tmp)
-    result = replay_bench.measure(path, run.sizes.replay_repeat)
-    base_rate = result.rows[0][1] / result.rows[0][2]
-    for what, items, seconds in result.rows:
-        if items == 1:
-            run.add(Row("replay", what, seconds * 1000, "ms"))
-            continue
-        rate = items / seconds
-        is_base = what == replay_bench.BASELINE
-        run.add(Row("replay", what, rate, "events/s", "read+orjson", rate / base_rate,
-                    f"{result.lines:,} lines, {result.members:,} members" if is_base else ""))
-        if what.startswith("replay end to end"):
-            run.facts["replay"] = rate
+    jsonl = replay_bench.measure(path, run.sizes.replay_repeat)
+    mapped = replay_bench.measure_csv(replay_bench.generate_csv(path, run.tmp / "csv"),
+                                      run.sizes.replay_repeat)
+    for result, label, fact in ((jsonl, "read+orjson", "replay"),
+                                (mapped, "csv.DictReader", "replay_csv")):
+        rates = {what: items / seconds for what, items, seconds, _ in result.rows if items > 1}
+        for what, items, seconds, baseline in result.rows:
+            if items == 1:
+                run.add(Row("replay", what, seconds * 1000, "ms"))
+                continue
+            rate = rates[what]
+            base_rate = rates[baseline] if baseline else rate
+            run.add(Row("replay", what, rate, "events/s", label, rate / base_rate,
+                        f"{result.lines:,} lines, {result.members:,} members" if not baseline
+                        else ""))
+            if "end to end" in what:
+                run.facts[fact] = (rate, rate / base_rate)
 
 
 def bench_clv(run: Run) -> None:
@@ -852,8 +903,11 @@ def evaluate_goals(run: Run) -> None:
             run.goal(name, worst < goal_s, f"{worst:.2f} s to every partition taken and new "
                      f"events applied ({members:,} members)")
     if "replay" in run.facts:
-        rate = run.facts["replay"]
+        rate, _ = run.facts["replay"]
         run.goal("replay", rate >= 300_000, f"{rate:,.0f} events/s end to end")
+    if "replay_csv" in run.facts:
+        rate, ratio = run.facts["replay_csv"]
+        run.goal("replay_csv", ratio >= 0.3, f"{ratio:.3f}x ({rate:,.0f} events/s end to end)")
 
 
 def machine() -> str:
@@ -911,7 +965,8 @@ def report(run: Run, seconds: float, load: tuple[str, str]) -> str:
 
 
 BENCH_FUNCS: dict[str, Callable[[Run], None]] = {
-    "limit": bench_limit, "worker": bench_worker, "plain_faust": bench_plain_faust,
+    "limit": bench_limit, "worker": bench_worker, "stages": bench_stages,
+    "plain_faust": bench_plain_faust,
     "latency": bench_latency, "memory": bench_memory, "recovery": bench_recovery,
     "replay": bench_replay, "clv": bench_clv,
 }

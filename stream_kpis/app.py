@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import faust
@@ -35,7 +36,7 @@ from .live.ingest import Ingest
 from .live.kafka_log import IngestConsumer, KafkaStateLog
 from .live.kafka_tools import create_topics
 from .live.metrics import CONTENT_TYPE_LATEST, KpiCollector, WorkerMetrics, render_latest
-from .live.partition import Commit
+from .live.partition import Commit, statuses_from_records
 from .live.stall import StallDetector
 from .live.store import open_store
 from .settings import Settings, load_settings
@@ -131,8 +132,7 @@ class Pipeline:
             settings, self.state_log,
             lambda partition: open_store(settings.store, settings.data_dir, settings.app_id,
                                          partition),
-            metrics=self.metrics, on_committed=self._committed,
-            with_statuses=self.readmodel is not None)
+            metrics=self.metrics, on_committed=self._committed)
         self.consumer = IngestConsumer(settings, self.ingest, self.state_log)
         self.exporter = ExporterConsumer(settings, self._publish, self.kpi_gauges.set_exporting)
         self.stalls = StallDetector(settings.emit_interval_s)
@@ -213,8 +213,14 @@ class Pipeline:
                 metrics.count_dead_letters(topic, outcome.removeprefix("dead_letter:"), n)
         for signal, n in commit.signal_counts.items():
             metrics.count_signal(signal, n)
-        if self.readmodel is not None and commit.member_statuses:
-            self.readmodel.update_members(commit.member_statuses)
+        if self.readmodel is not None and commit.as_of is not None:
+            # the statuses are made at the read model's next flush, from the committed state
+            # records: once per member and flush, not once per member and batch
+            members = commit.members
+            if members:
+                self.readmodel.update_member_snapshots(
+                    members, partial(statuses_from_records, self.settings, commit.as_of,
+                                     commit.clv_params))
 
     def _publish(self, records: list[dict[str, Any]]) -> None:
         self.kpi_gauges.update(records)

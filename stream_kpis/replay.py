@@ -32,6 +32,8 @@ __all__ = ["Source", "STDIN", "load_sources", "source_for_path", "read_source", 
            "read_csv_rows", "replay", "ReplayResult"]
 
 STDIN = Path("-")  # the path of standard input on the command line
+#: Events handed to the core at a time (Processor.process_batch; the split changes no result).
+BATCH_EVENTS = 4096
 
 _NUMBER_FIELDS = {"amount", "margin", "value"}
 _INT_FIELDS = {"points", "nps", "csat"}
@@ -150,58 +152,80 @@ class CsvRow:
 
     line: int                      # the row's line in the file (the dead letter's offset)
     fields: dict[str, Any]         # our field name -> converted value; {} when ``error``
-    raw: bytes                     # the row as JSON: the original value of a dead letter
     error: tuple[str, str] | None  # (dead-letter reason, detail) when the row is unusable
+    header: list[str]
+    cells: list[str]
+
+    @property
+    def raw(self) -> bytes:
+        """The row as JSON, header -> cell (missing cells null, cells beyond the header under
+        ``_extra_cells``): the original value of a dead letter. Made when asked for."""
+        header, cells = self.header, self.cells
+        row: dict[str, Any] = dict(zip(header, cells, strict=False))
+        for name in header[len(cells):]:
+            row[name] = None
+        if len(cells) > len(header):
+            row["_extra_cells"] = cells[len(header):]
+        return orjson.dumps(row)
 
 
 def read_csv_rows(source: Source, handle: io.TextIOBase) -> Iterator[CsvRow]:
     """The rows of a CSV source, mapped through its ``columns`` and ``ts_format``.
 
-    Raises InputFileError when a column named in the config is missing from the header; a bad
-    cell makes that row an error row, never an exception.
+    The first line is the header; blank lines are skipped (as csv.DictReader does). Raises
+    InputFileError when a column named in the config is missing from the header; a bad cell
+    makes that row an error row, never an exception.
     """
-    reader = csv.DictReader(handle, delimiter=source.delimiter)
-    header = reader.fieldnames or []
+    reader = csv.reader(handle, delimiter=source.delimiter)
+    header = next(reader, None) or []
     missing = [theirs for theirs in source.columns.values() if theirs not in header]
     if missing:
         raise InputFileError(f"{source.path}: column(s) {missing} named in the config are not in "
                              f"the header {header}; fix [[replay.sources]] columns")
     mapping = {ours: ours for ours in header if ours in _FIELDS}
     mapping.update(source.columns)
+    column = {name: index for index, name in enumerate(header)}  # a repeated name: its last
     to_ts = _timestamp_converter(source.ts_format)
-    for row in reader:
-        extra = row.pop(None, None)  # cells beyond the header
-        raw = orjson.dumps(row if extra is None else {**row, "_extra_cells": extra})
-        try:
-            if extra is not None:
-                raise _RowError("bad_value", f"the row has {len(extra)} more cell(s) than the header")
-            fields = _mapped_fields(row, mapping, to_ts, source.ts_format)
-        except _RowError as exc:
-            yield CsvRow(reader.line_num, {}, raw, (exc.reason, str(exc)))
+    converters = {"ts": to_ts, **dict.fromkeys(_NUMBER_FIELDS, float),
+                  **dict.fromkeys(_INT_FIELDS, int)}
+    plan = [(ours, column[theirs], converters.get(ours)) for ours, theirs in mapping.items()]
+    width = len(header)
+    for cells in reader:
+        if not cells:
             continue
-        yield CsvRow(reader.line_num, fields, raw, None)
+        try:
+            if len(cells) > width:
+                raise _RowError("bad_value", f"the row has {len(cells) - width} more cell(s) "
+                                             "than the header")
+            fields = _mapped_fields(cells, plan, source.ts_format)
+        except _RowError as exc:
+            yield CsvRow(reader.line_num, {}, (exc.reason, str(exc)), header, cells)
+            continue
+        yield CsvRow(reader.line_num, fields, None, header, cells)
 
 
-def _mapped_fields(row: dict[str, str], mapping: dict[str, str], to_ts: Callable[[str], Any],
+def _mapped_fields(cells: list[str], plan: list[tuple[str, int, Callable[[str], Any] | None]],
                    ts_format: str) -> dict[str, Any]:
+    """Our fields of one row: (our field, cell index, converter or None for text) per field."""
     event: dict[str, Any] = {}
-    for ours, theirs in mapping.items():
-        text = row.get(theirs)
-        if text is None or text.strip() == "":
+    count = len(cells)
+    for ours, index, convert in plan:
+        if index >= count:
+            continue  # a missing cell is a missing value
+        text = cells[index]
+        if not text or text.isspace():
             continue  # an empty cell is a missing value (an empty card id: a non-member)
         text = text.strip()
-        if ours == "ts":
+        if convert is None:
+            event[ours] = text
+        elif ours == "ts":
             try:
-                event[ours] = to_ts(text)
+                event[ours] = convert(text)
             except ValueError:
                 raise _RowError("bad_timestamp", f"ts {text!r} does not match ts_format "
                                                  f"{ts_format!r}") from None
-        elif ours in _NUMBER_FIELDS:
-            event[ours] = _convert(float, ours, text)
-        elif ours in _INT_FIELDS:
-            event[ours] = _convert(int, ours, text)
         else:
-            event[ours] = text
+            event[ours] = _convert(convert, ours, text)
     return event
 
 
@@ -241,6 +265,7 @@ def _read_file(source: Source, handle: BinaryIO, parser: EventParser,
 def _read_csv(source: Source, handle: BinaryIO, parser: EventParser,
               on_bytes: Callable[[int], None] | None) -> Iterator[Event | DeadLetter]:
     text = io.TextIOWrapper(handle, encoding=source.encoding, newline="")
+    validate = parser.validate
     try:
         for number, row in enumerate(read_csv_rows(source, text), 1):
             if on_bytes is not None and number % 4096 == 0:
@@ -248,11 +273,12 @@ def _read_csv(source: Source, handle: BinaryIO, parser: EventParser,
             if row.error is not None:
                 dead = DeadLetter(*row.error, row.raw)
             else:
-                dead_or_event = parser.validate(row.fields, row.raw, source.type)
-                if isinstance(dead_or_event, Event):
+                dead_or_event = validate(row.fields, b"", source.type)
+                if dead_or_event.__class__ is Event:
                     yield dead_or_event
                     continue
                 dead = dead_or_event
+                dead.raw = row.raw
             dead.topic, dead.offset = source.name, row.line
             yield dead
     finally:
@@ -320,7 +346,8 @@ def replay(sources: Iterable[Source], settings: Settings, *, every_ms: int | Non
     series: list[dict[str, Any]] = []
     step = None if every_ms is None else max(1, every_ms // settings.bucket_ms)
     next_emit = None
-    process = processor.process
+    process_batch = processor.process_batch
+    batch: list[Event] = []
     for item in items:
         if item.__class__ is DeadLetter:
             dead_letters[item.reason] += 1
@@ -331,13 +358,20 @@ def replay(sources: Iterable[Source], settings: Settings, *, every_ms: int | Non
             bucket = item.ts // settings.bucket_ms
             if next_emit is None:
                 next_emit = (bucket // step + 1) * step - 1
+            if bucket > next_emit:
+                process_batch(batch)  # the series evaluates what came before this event
+                batch = []
             while bucket > next_emit:
                 records = processor.evaluate(next_emit)
                 series.extend(records)
                 if on_series is not None:
                     on_series(records)
                 next_emit += step
-        process(item)
+        batch.append(item)
+        if len(batch) == BATCH_EVENTS:
+            process_batch(batch)
+            batch = []
+    process_batch(batch)
     K = processor.as_of_bucket()
     records = [] if K is None else evaluate_kpis(settings, processor.aggs, K, processor.churn_history,
                                                  processor.clv_model)

@@ -250,13 +250,22 @@ class EventParser:
     def validate(self, obj: Any, raw: bytes, event_type: str | None = None,
                  now_ms: int | None = None) -> Event | DeadLetter:
         """A decoded JSON value (or a CSV row mapped to our field names) to an Event or DeadLetter."""
+        if type(obj) is dict:
+            event = _valid_event(obj, event_type)
+            if event is not None and (now_ms is None or event.ts <= now_ms + self.max_skew_ms):
+                return event
+        return self._validate_fully(obj, raw, event_type, now_ms)
+
+    def _validate_fully(self, obj: Any, raw: bytes, event_type: str | None = None,
+                        now_ms: int | None = None) -> Event | DeadLetter:
+        """:meth:`validate` one check at a time: the rules, and the reason of a dead letter."""
         if type(obj) is not dict:
             return DeadLetter("not_an_object", f"expected a JSON object, got {type(obj).__name__}",
                               raw)
         try:
             if event_type is None:
                 event_type = obj.get("type")
-                if event_type not in _BUILDERS:
+                if type(event_type) is not str or event_type not in _BUILDERS:
                     raise _Invalid("unknown_type", f"type must be one of {list(EVENT_TYPES)}, "
                                                    f"got {str(event_type)[:40]!r}")
             event_id = _id(obj, "event_id", True)
@@ -267,3 +276,86 @@ class EventParser:
             return _BUILDERS[event_type](obj, event_id, ts)
         except _Invalid as bad:
             return DeadLetter(bad.reason, bad.detail, raw)
+
+
+def _valid_event(obj: dict, event_type: str | None) -> Event | None:
+    """The Event of an object that passes every check of :meth:`EventParser._validate_fully`
+    (the future-timestamp check aside), or None when some check might fail: then the full
+    checks decide, and name the reason. The same rules written as one pass, because this runs
+    once per event of a replay."""
+    get = obj.get
+    if event_type is None:
+        event_type = get("type")
+    event_id = get("event_id")
+    if type(event_id) is not str or not 0 < len(event_id) <= _MAX_ID_LEN:
+        return None
+    ts = get("ts")
+    if type(ts) is not int:
+        if type(ts) is not str:
+            return None
+        try:
+            ts = parse_rfc3339_ms(ts)
+        except ValueError:
+            return None
+    if not 0 <= ts < _MAX_TS:
+        return None
+    member_id = get("member_id")
+    if member_id is not None and (type(member_id) is not str
+                                  or not 0 < len(member_id) <= _MAX_ID_LEN):
+        return None
+    channel, tier, store_id, comment = get("channel"), get("tier"), get("store_id"), get("comment")
+    for value in (channel, tier, store_id, comment, get("currency"), get("reward_id")):
+        if value is not None and type(value) is not str:
+            return None
+    if event_type == PURCHASE:
+        amount = _finite(get("amount"))
+        if amount is None or amount < 0:
+            return None
+        points = get("points")
+        if points is None:
+            points = 0
+        elif type(points) is not int or points < 0:
+            return None
+        margin = get("margin")
+        if margin is not None:
+            margin = _finite(margin)
+            if margin is None:
+                return None
+        return Event(PURCHASE, event_id, member_id, ts, amount=amount, points=points,
+                     margin=margin, channel=channel, tier=tier, store_id=store_id)
+    if member_id is None and (event_type == REDEMPTION or event_type == ENROLLMENT):
+        return None
+    if event_type == ENROLLMENT:
+        return Event(ENROLLMENT, event_id, member_id, ts, channel=channel, tier=tier)
+    if event_type == REDEMPTION:
+        points = get("points")
+        if type(points) is not int or points < 1:
+            return None
+        value = get("value")
+        if value is not None:
+            value = _finite(value)
+            if value is None or value < 0:
+                return None
+        return Event(REDEMPTION, event_id, member_id, ts, points=points, value=value,
+                     channel=channel)
+    if event_type == SURVEY:
+        nps, csat = get("nps"), get("csat")
+        if nps is None:
+            if csat is None:
+                return None
+        elif type(nps) is not int or not 0 <= nps <= 10:
+            return None
+        if csat is not None and (type(csat) is not int or not 1 <= csat <= 5):
+            return None
+        return Event(SURVEY, event_id, member_id, ts, nps=nps, csat=csat, comment=comment,
+                     channel=channel)
+    return None
+
+
+def _finite(value: Any) -> float | None:
+    """A JSON number as a float, or None when it is not one or not finite."""
+    if type(value) is float:
+        return value if value - value == 0.0 else None  # inf - inf and nan - nan are nan
+    if type(value) is int:
+        return float(value)
+    return None

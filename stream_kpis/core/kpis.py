@@ -12,8 +12,9 @@ from __future__ import annotations
 import datetime
 import re
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import accumulate
+from operator import sub
 from typing import Any
 
 import orjson
@@ -36,6 +37,8 @@ __all__ = [
     "member_value",
     "cohort_records",
     "month_of",
+    "NO_FLOOR",
+    "history_reach",
 ]
 
 # Indexes into MemberView for the member count histograms.
@@ -105,6 +108,20 @@ def member_contribution(state: Any, bucket_ms: int, validity_ms: int | None) -> 
             state.unbacked, lots)
 
 
+#: The floor of aggregates that keep their whole history (nothing folded yet).
+NO_FLOOR = -(1 << 62)
+
+
+def history_reach(windows: Iterable[int], horizon: int, settle: int) -> int:
+    """How many buckets before the as-of bucket K any KPI formula reads (SPEC section 4, in
+    buckets): every range starts at K - reach + 1 or later, and every range that runs from
+    the beginning ends at K - reach or later. Buckets at or before K - reach are therefore
+    never told apart: :meth:`Aggregates.collapse` folds them into one."""
+    windows = list(windows)
+    churn = [horizon + w for w in windows if w <= horizon]
+    return max([*windows, *churn, horizon, settle])
+
+
 def _add(hist: dict, key: Any, amount: float) -> None:
     value = hist.get(key, 0) + amount
     if value:
@@ -117,7 +134,7 @@ class Aggregates:
     """Histograms and sums for a set of members and events (one partition, or merged)."""
 
     __slots__ = ("hists", "by_channel", "tiers", "sums", "mentions", "totals", "segments",
-                 "cohort_members", "cohort_active", "cohort_max", "clv")
+                 "cohort_members", "cohort_active", "cohort_max", "clv", "floor")
 
     def __init__(self) -> None:
         self.hists: list[dict[int, int]] = [{} for _ in range(_MEMBER_HISTS)]
@@ -135,53 +152,77 @@ class Aggregates:
         self.cohort_active: dict[int, dict[int, int]] = {}
         self.cohort_max: dict[int, dict[int, int]] = {}
         self.clv: Any = None  # SPEC 4.4: clv.SufficientStats of the members, when CLV is on
+        # Bounded history (see collapse): the count histograms hold everything at or before
+        # ``floor`` in the floor bucket; event sums and mentions there are gone.
+        self.floor = NO_FLOOR
 
     def move_member(self, old: MemberView | None, new: MemberView) -> None:
-        """Move one member from its old histogram positions to the new ones."""
-        hists = self.hists
+        """Move one member from its old histogram positions to the new ones (a bucket at or
+        before the floor counts in the floor bucket)."""
+        hists, floor = self.hists, self.floor
         if old is None:
             self.totals["members"] += 1
             for i in range(_MEMBER_HISTS):
-                if new[i] is not None:
-                    _add(hists[i], new[i], 1)
-            _add(self.by_channel.setdefault(new[8], {}), new[0], 1)
+                after = new[i]
+                if after is not None:
+                    _add(hists[i], after if after > floor else floor, 1)
+            enrolled = new[0]
+            if enrolled is not None and enrolled < floor:
+                enrolled = floor
+            _add(self.by_channel.setdefault(new[8], {}), enrolled, 1)
             _add(self.tiers, new[9], 1)
             return
         for hist, before, after in zip(hists, old, new, strict=False):  # the 8 histograms only
             if before != after:
                 if before is not None:
+                    if before < floor:
+                        before = floor
                     count = hist[before] - 1
                     if count:
                         hist[before] = count
                     else:
                         del hist[before]
                 if after is not None:
+                    if after < floor:
+                        after = floor
                     hist[after] = hist.get(after, 0) + 1
         if old[0] != new[0] or old[8] != new[8]:
-            _add(self.by_channel.setdefault(old[8], {}), old[0], -1)
-            _add(self.by_channel.setdefault(new[8], {}), new[0], 1)
+            before, after = old[0], new[0]
+            if before is not None and before < floor:
+                before = floor
+            if after is not None and after < floor:
+                after = floor
+            _add(self.by_channel.setdefault(old[8], {}), before, -1)
+            _add(self.by_channel.setdefault(new[8], {}), after, 1)
         if old[9] != new[9]:
             _add(self.tiers, old[9], -1)
             _add(self.tiers, new[9], 1)
 
     def add(self, name: str, bucket: int, amount: float) -> None:
-        _add(self.sums[name], bucket, amount)
+        """Add to an event sum (nothing at or before the floor: no window reaches there)."""
+        if bucket > self.floor:
+            _add(self.sums[name], bucket, amount)
 
     def segment(self, dimension: str, value: str) -> Aggregates:
         key = f"{dimension}\t{value}"
         segment = self.segments.get(key)
         if segment is None:
             segment = self.segments[key] = Aggregates()
+            segment.floor = self.floor
         return segment
 
     def add_contribution(self, contribution: Contribution, sign: int) -> None:
         """Add (sign=1) or remove (sign=-1) a whole member: histograms, totals, lots."""
         view, spend, balance, purchaser, unbacked, lots = contribution
-        hists = self.hists
+        hists, floor = self.hists, self.floor
         for i in range(_MEMBER_HISTS):
-            if view[i] is not None:
-                _add(hists[i], view[i], sign)
-        _add(self.by_channel.setdefault(view[8], {}), view[0], sign)
+            bucket = view[i]
+            if bucket is not None:
+                _add(hists[i], bucket if bucket > floor else floor, sign)
+        enrolled = view[0]
+        if enrolled is not None and enrolled < floor:
+            enrolled = floor
+        _add(self.by_channel.setdefault(view[8], {}), enrolled, sign)
         _add(self.tiers, view[9], sign)
         totals = self.totals
         totals["members"] += sign
@@ -217,42 +258,95 @@ class Aggregates:
     def add_lots(self, contributions: Iterable[tuple[int, int, int]], sign: int) -> None:
         """Add (sign=1) or remove (sign=-1) a member's (expiry bucket, points, remaining) lots."""
         points, remaining = self.sums["lot_points"], self.sums["lot_remaining"]
+        floor = self.floor
         for expiry, lot_points, lot_remaining in contributions:
+            if expiry < floor:
+                expiry = floor
             _add(points, expiry, sign * lot_points)
             _add(remaining, expiry, sign * lot_remaining)
 
     def mention(self, key: str, bucket: int) -> None:
-        _add(self.mentions.setdefault(key, {}), bucket, 1)
+        if bucket > self.floor:
+            _add(self.mentions.setdefault(key, {}), bucket, 1)
+
+    def collapse(self, floor: int) -> set[int]:
+        """Fold everything at or before bucket ``floor`` into it, for good: member counts and
+        point lots move into the floor bucket (the ranges "up to K - x" still count them), and
+        event sums and mentions there are dropped (every range over them starts later). Exact
+        for every as-of bucket K with K - :func:`history_reach` >= floor, which keeps holding as
+        K only moves forward; it bounds the aggregates by the reach instead of the history.
+
+        Returns the buckets whose event sums were dropped (the state log deletes their
+        records)."""
+        old = self.floor
+        if floor <= old:
+            return set()
+        dropped: set[int] = set()
+        count_hists = [*self.hists, *self.by_channel.values(),
+                       self.sums["lot_points"], self.sums["lot_remaining"]]
+        event_hists = [*(h for name, h in self.sums.items() if not name.startswith("lot_")),
+                       *self.mentions.values()]
+        for hist in count_hists:
+            _fold(hist, old, floor)
+        for hist in event_hists:
+            dropped.update(_drop(hist, old, floor))
+        for segment in self.segments.values():
+            dropped |= segment.collapse(floor)
+        self.floor = floor
+        return dropped
 
     # merging and transport (per-partition partials -> one global aggregate)
     def merge(self, other: Aggregates) -> None:
-        for mine, theirs in zip(self.hists, other.hists, strict=True):
-            _merge_hist(mine, theirs)
-        for channel, hist in other.by_channel.items():
-            _merge_hist(self.by_channel.setdefault(channel, {}), hist)
-        _merge_hist(self.tiers, other.tiers)
-        for name, hist in other.sums.items():
-            _merge_hist(self.sums[name], hist)
-        for key, hist in other.mentions.items():
-            _merge_hist(self.mentions.setdefault(key, {}), hist)
-        for name, value in other.totals.items():
+        self._merge_parts(other._parts(), dict.items)
+
+    def merge_bytes(self, data: bytes) -> None:
+        """Add the aggregates encoded by :meth:`to_bytes` (format 2 or 1) without building
+        them first: what an exporter needs to hold is the total, not every partition's part."""
+        raw = orjson.loads(data)
+        self._merge_parts(raw, _column_items if raw.get("format") == 2 else iter)
+
+    def _parts(self) -> dict[str, Any]:
+        """The parts in the shape :meth:`_to_dict` encodes, as dicts (see _merge_parts)."""
+        return {"hists": self.hists, "by_channel": self.by_channel, "tiers": self.tiers,
+                "sums": self.sums, "mentions": self.mentions, "totals": self.totals,
+                "segments": {key: seg._parts() for key, seg in self.segments.items()},
+                "cohort_members": self.cohort_members,
+                "cohort_active": list(self.cohort_active.items()),
+                "cohort_max": list(self.cohort_max.items()), "clv": self.clv}
+
+    def _merge_parts(self, parts: Mapping[str, Any], items: Callable[[Any], Iterable]) -> None:
+        """Add ``parts`` (:meth:`_parts`, or a decoded :meth:`_to_dict`), whose histograms
+        ``items`` turns into (bucket, value) pairs."""
+        for mine, theirs in zip(self.hists, parts["hists"], strict=True):
+            _merge_items(mine, items(theirs))
+        for channel, hist in parts.get("by_channel", {}).items():
+            _merge_items(self.by_channel.setdefault(channel, {}), items(hist))
+        _merge_items(self.tiers, parts["tiers"].items())
+        for name, hist in parts.get("sums", {}).items():
+            _merge_items(self.sums[name], items(hist))
+        for key, hist in parts.get("mentions", {}).items():
+            _merge_items(self.mentions.setdefault(key, {}), items(hist))
+        for name, value in parts["totals"].items():
             self.totals[name] += value
-        for key, segment in other.segments.items():
+        for key, segment in parts.get("segments", {}).items():
             mine = self.segments.get(key)
             if mine is None:
                 mine = self.segments[key] = Aggregates()
-            mine.merge(segment)
-        _merge_hist(self.cohort_members, other.cohort_members)
-        for mine_nested, theirs_nested in ((self.cohort_active, other.cohort_active),
-                                           (self.cohort_max, other.cohort_max)):
-            for cohort, hist in theirs_nested.items():
-                _merge_hist(mine_nested.setdefault(cohort, {}), hist)
-        if other.clv is not None:
-            if self.clv is None:
-                from .clv import SufficientStats  # numpy and scipy: only when CLV is on
+            mine._merge_parts(segment, items)
+        if "cohort_members" in parts:
+            _merge_items(self.cohort_members, items(parts["cohort_members"]))
+            for mine_nested, theirs_nested in ((self.cohort_active, parts["cohort_active"]),
+                                               (self.cohort_max, parts["cohort_max"])):
+                for cohort, hist in theirs_nested:
+                    _merge_items(mine_nested.setdefault(cohort, {}), items(hist))
+        clv = parts.get("clv")
+        if clv is not None:
+            from .clv import SufficientStats  # numpy and scipy: only when CLV is on
 
+            if self.clv is None:
                 self.clv = SufficientStats()
-            self.clv.merge(other.clv)
+            self.clv.merge(clv if isinstance(clv, SufficientStats)
+                           else SufficientStats.from_dict(clv))
 
     @classmethod
     def merged(cls, parts: Iterable[Aggregates]) -> Aggregates:
@@ -262,55 +356,88 @@ class Aggregates:
         return total
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(self._to_dict())
+        """JSON of the aggregates; a histogram is [key deltas, values] over its sorted keys
+        (``"format": 2``: flat lists, which encode, compress and decode several times faster
+        than the [[key, value], ...] pairs of format 1, still read)."""
+        return orjson.dumps({"format": 2, **self._to_dict()})
 
     def _to_dict(self) -> dict[str, Any]:
-        return {
-            "hists": [_pairs(h) for h in self.hists],
-            "by_channel": {c: _pairs(h) for c, h in self.by_channel.items()},
+        out: dict[str, Any] = {
+            "hists": [_columns(h) for h in self.hists],
             "tiers": self.tiers,
-            "sums": {n: _pairs(h) for n, h in self.sums.items() if h},
-            "mentions": {k: _pairs(h) for k, h in self.mentions.items()},
             "totals": self.totals,
-            "segments": {key: seg._to_dict() for key, seg in self.segments.items()},
-            "cohort_members": _pairs(self.cohort_members),
-            "cohort_active": [[c, _pairs(h)] for c, h in self.cohort_active.items() if h],
-            "cohort_max": [[c, _pairs(h)] for c, h in self.cohort_max.items() if h],
-            "clv": None if self.clv is None else self.clv.to_dict(),
         }
+        if any(self.by_channel.values()):
+            out["by_channel"] = {c: _columns(h) for c, h in self.by_channel.items() if h}
+        if any(self.sums.values()):
+            out["sums"] = {n: _columns(h) for n, h in self.sums.items() if h}
+        if self.mentions:
+            out["mentions"] = {k: _columns(h) for k, h in self.mentions.items()}
+        if self.segments:
+            out["segments"] = {key: seg._to_dict() for key, seg in self.segments.items()}
+        if self.cohort_members:
+            out["cohort_members"] = _columns(self.cohort_members)
+            out["cohort_active"] = [[c, _columns(h)] for c, h in self.cohort_active.items() if h]
+            out["cohort_max"] = [[c, _columns(h)] for c, h in self.cohort_max.items() if h]
+        if self.clv is not None:
+            out["clv"] = self.clv.to_dict()
+        return out
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Aggregates:
-        return cls._from_dict(orjson.loads(data))
-
-    @classmethod
-    def _from_dict(cls, raw: Mapping[str, Any]) -> Aggregates:
         aggs = cls()
-        aggs.hists = [dict(pairs) for pairs in raw["hists"]]
-        aggs.by_channel = {c: dict(p) for c, p in raw["by_channel"].items()}
-        aggs.tiers = raw["tiers"]
-        for name, pairs in raw["sums"].items():
-            aggs.sums[name] = dict(pairs)
-        aggs.mentions = {k: dict(p) for k, p in raw["mentions"].items()}
-        aggs.totals.update(raw["totals"])
-        aggs.segments = {key: cls._from_dict(seg) for key, seg in raw.get("segments", {}).items()}
-        aggs.cohort_members = dict(raw.get("cohort_members", ()))
-        aggs.cohort_active = {c: dict(p) for c, p in raw.get("cohort_active", ())}
-        aggs.cohort_max = {c: dict(p) for c, p in raw.get("cohort_max", ())}
-        if raw.get("clv") is not None:
-            from .clv import SufficientStats
-
-            aggs.clv = SufficientStats.from_dict(raw["clv"])
+        aggs.merge_bytes(data)
         return aggs
 
 
-def _pairs(hist: Mapping[int, float]) -> list[list]:
-    return [[k, v] for k, v in hist.items()]
+def _below(hist: dict, old: int, floor: int) -> list[int]:
+    """The keys of ``hist`` at or before ``floor``, given that none is before ``old`` (the
+    previous floor): a scan of [old, floor] (a collapse moves the floor by a few buckets),
+    or of the keys when that is shorter."""
+    if floor - old > len(hist):
+        return [key for key in hist if key <= floor]
+    return [key for key in range(old, floor + 1) if key in hist]
 
 
-def _merge_hist(mine: dict, theirs: Mapping) -> None:
-    for key, value in theirs.items():
-        _add(mine, key, value)
+def _fold(hist: dict, old: int, floor: int) -> None:
+    keys = _below(hist, old, floor)
+    if keys:
+        total = 0
+        for key in keys:
+            total += hist.pop(key)
+        if total:
+            hist[floor] = total
+
+
+def _drop(hist: dict, old: int, floor: int) -> list[int]:
+    keys = _below(hist, old, floor)
+    for key in keys:
+        del hist[key]
+    return keys
+
+
+def _columns(hist: Mapping[int, float]) -> list[list]:
+    """[deltas of the sorted keys, their values]: flat lists of small numbers."""
+    keys = sorted(hist)
+    return [[*keys[:1], *map(sub, keys[1:], keys)], list(map(hist.__getitem__, keys))]
+
+
+def _column_items(columns: list[list]) -> Iterable[tuple[int, float]]:
+    return zip(accumulate(columns[0]), columns[1], strict=True)
+
+
+def _merge_items(mine: dict, theirs: Iterable) -> None:
+    """Add (key, value) pairs to a histogram (a sum that comes to zero is no entry)."""
+    if not mine:
+        mine.update(theirs)
+        return
+    get = mine.get
+    for key, value in theirs:
+        total = get(key, 0) + value
+        if total:
+            mine[key] = total
+        else:
+            mine.pop(key, None)
 
 
 class _Ranges:

@@ -8,13 +8,13 @@ worker, replay and the tests all drive this same class.
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .catalogue import CATALOGUE, MEMBER_DIMENSIONS, ORDER_DIMENSIONS
-from .events import PURCHASE, REDEMPTION, SURVEY, Event
+from .events import ENROLLMENT, PURCHASE, REDEMPTION, SURVEY, Event
 from .kpis import (
     LAST_TOUCH,
     Aggregates,
@@ -23,6 +23,7 @@ from .kpis import (
     cohort_records,
     evaluate,
     evaluate_with_churn,
+    history_reach,
     member_contribution,
     member_value,
     member_view,
@@ -58,11 +59,16 @@ class Processor:
     store-backed mapping); every changed state is assigned back so that stores see the change.
     ``on_signal`` receives member signals; ``record_churn_history`` keeps a churn snapshot each
     time the event clock leaves a bucket (replay), for churn_reduction.
+
+    The aggregates keep only the history the KPI formulas can still read as the as-of bucket
+    moves on (``bounded_history``, see :meth:`Aggregates.collapse`), so they can no longer be
+    evaluated as of a bucket much before the current one; ``bounded_history=False`` keeps all.
     """
 
     def __init__(self, settings: Settings, members: MutableMapping[str, MemberState] | None = None,
                  *, on_signal: Callable[[Signal], None] | None = None,
-                 record_churn_history: bool = False, track_changes: bool = False) -> None:
+                 record_churn_history: bool = False, track_changes: bool = False,
+                 bounded_history: bool = True) -> None:
         self.settings = settings
         self.bucket_ms = settings.bucket_ms
         self.validity_ms = settings.points_validity_ms
@@ -73,6 +79,7 @@ class Processor:
         self.track_changes = track_changes  # live: remember what to persist at the next flush
         self.changed_buckets: set[int] = set()
         self.changed_seen: set[str] = set()
+        self.changed_values: set[str] = set()  # order-dimension values new in this batch
         self.on_signal = on_signal
         self.record_churn_history = record_churn_history
         self.churn_history: dict[int, dict[int, tuple[int, int]]] = {}
@@ -86,6 +93,11 @@ class Processor:
         self.member_dims = tuple(d for d in settings.segments if d in MEMBER_DIMENSIONS)
         self.order_dims = tuple(d for d in settings.segments if d in ORDER_DIMENSIONS)
         self.cohorts = settings.cohorts > 0
+        self.reach = history_reach(settings.windows, settings.churn_horizon, settings.settle)
+        # the floor moves in steps of at least a bucket and at most a week (fewer collapses),
+        # which is also the slack for an exporter whose wall clock lags this one's
+        self.floor_step = max(1, min(self.reach // 8, 7 * 86_400_000 // self.bucket_ms))
+        self.bounded_history = bounded_history
         self.clv_model = None
         if settings.clv:
             from .clv import SufficientStats  # numpy and scipy: only when CLV is on
@@ -112,6 +124,116 @@ class Processor:
             self.applied += 1
             return APPLIED
         return self._apply_member_event(event)
+
+    def process_batch(self, events: Iterable[Event]) -> None:
+        """Apply events in order: the same members, aggregates, counts and signals as
+        :meth:`process` on each in turn, so how a stream is cut into batches changes nothing.
+
+        One loop with the per-event bookkeeping of :meth:`process` written in line (the clock,
+        de-duplication, totals, cohorts, the status check), calling the same aggregate updates.
+        Segments, CLV and change tracking (the live worker) go event by event through
+        :meth:`process`.
+        """
+        if self.member_dims or self.clv_model is not None or self.track_changes:
+            for event in events:
+                self.process(event)
+            return
+        members, aggs, totals = self.members, self.aggs, self.aggs.totals
+        bucket_ms, validity = self.bucket_ms, self.validity_ms
+        event_clock = self.settings.clock == "event"
+        bound, guest_bound = self.settings.dedupe_per_member, self.settings.guest_dedupe
+        at_risk = self.settings.at_risk
+        seen_guest = self.seen_without_member
+        event_sums, move_member, touch_index = self._event_sums, aggs.move_member, self.touch_index
+        cohorts = self.cohorts
+        max_ts, K = self.max_ts, self.K
+        applied = duplicates = count = 0
+        try:
+            for event in events:
+                count += 1
+                ts = event.ts
+                if max_ts is None or ts > max_ts:
+                    self.max_ts = max_ts = ts
+                    if event_clock and (K is None or ts // bucket_ms > K):
+                        self.advance(ts // bucket_ms)
+                        K = self.K
+                kind = event.type
+                member_id = event.member_id
+                if member_id is None or kind == SURVEY:
+                    key = f"{kind[0]}|{member_id or ''}|{event.event_id}"  # seen_key
+                    if key in seen_guest:
+                        duplicates += 1
+                        continue
+                    seen_guest[key] = None
+                    if len(seen_guest) > guest_bound:
+                        del seen_guest[next(iter(seen_guest))]
+                    event_sums(event, member_id is not None)
+                    applied += 1
+                    continue
+                state = members.get(member_id)
+                key = kind[0] + event.event_id
+                if state is None:
+                    state = MemberState()
+                    old_view = None
+                    state.seen(key, bound)
+                    old_enrolled = old_max = None
+                else:
+                    recent = state.recent
+                    if key in recent:
+                        duplicates += 1
+                        continue
+                    recent[key] = None
+                    if len(recent) > bound:
+                        del recent[next(iter(recent))]
+                    old_view = member_view(state, bucket_ms)
+                    old_enrolled = state.enrolled_at
+                    old_max = state.months[-1] if state.months else None
+                purchase = kind == PURCHASE
+                had_purchase = state.purchase_count > 0
+                points_event = validity is not None and (kind == REDEMPTION or event.points)
+                if points_event:
+                    aggs.add_lots(state.lot_contributions(validity, bucket_ms), -1)
+                    old_unbacked = state.unbacked
+                state.apply(event, validity)
+                new_view = member_view(state, bucket_ms)
+                move_member(old_view, new_view)
+                if purchase:
+                    totals["lifetime_spend"] += event.amount
+                    totals["points_balance"] += event.points
+                    if not had_purchase:
+                        totals["purchasers"] += 1
+                elif kind == REDEMPTION:
+                    totals["points_balance"] -= event.points
+                if points_event:
+                    contributions = state.lot_contributions(validity, bucket_ms)
+                    aggs.add_lots(contributions, 1)
+                    totals["unbacked"] += state.unbacked - old_unbacked
+                    expiry_index = self.expiry_index
+                    for expiry, _, _ in contributions:
+                        expiry_index.setdefault(expiry, set()).add(member_id)
+                event_sums(event, True)
+                if cohorts:
+                    self._move_cohort_from(state, event, old_view is None, old_enrolled, old_max)
+                old_touch = None if old_view is None else old_view[LAST_TOUCH]
+                touch = new_view[LAST_TOUCH]
+                if touch != old_touch:
+                    if old_touch is not None:
+                        touch_index[old_touch].discard(member_id)
+                    members_at = touch_index.get(touch)
+                    if members_at is None:
+                        touch_index[touch] = {member_id}
+                    else:
+                        members_at.add(member_id)
+                    if state.status != ACTIVE or K is None or touch <= K - at_risk:
+                        self._update_status(member_id, state)
+                if points_event and K is not None:
+                    self._expiry_notices(member_id, state, K)
+                members[member_id] = state
+                applied += 1
+        finally:
+            self.version += count
+            self.applied += applied
+            self.duplicates += duplicates
 
     def _seen_without_member(self, event: Event) -> bool:
         """Whether this event without member state was applied before; remembers it if not
@@ -226,6 +348,30 @@ class Processor:
         elif new_month is not None:
             aggs.add_cohort_month(cohort, new_month, before[1][-1] if before[1] else None)
 
+    def _move_cohort_from(self, state: MemberState, event: Event, new_member: bool,
+                          old_enrolled: int | None, old_max: int | None) -> None:
+        """:meth:`_move_cohort` after ``event`` was applied, from what the member's cohort was
+        made of before it (enrolled_at, latest activity month) instead of the whole tuple."""
+        new_month = None
+        if event.type == PURCHASE or event.type == REDEMPTION:
+            month = month_of(event.ts // self.bucket_ms * self.bucket_ms)  # the bucket's month
+            if state.add_month(month):
+                new_month = month
+        aggs = self.aggs
+        if new_member:
+            aggs.add_cohort(*self._cohort_of(state), 1)
+            return
+        enrolled = state.enrolled_at
+        if enrolled != old_enrolled:
+            before, cohort = month_of(old_enrolled), month_of(enrolled)
+            if before != cohort:
+                months = state.months or []
+                aggs.add_cohort(before, [m for m in months if m != new_month], -1)
+                aggs.add_cohort(cohort, months, 1)
+                return
+        if new_month is not None:
+            aggs.add_cohort_month(month_of(enrolled), new_month, old_max)
+
     def _move_clv(self, state: MemberState, event: Event) -> None:
         """Re-group the member in the CLV statistics after a purchase (SPEC 4.4)."""
         from .clv import DAY_MS, UNCLAMPED_DAY, member_key
@@ -236,12 +382,30 @@ class Processor:
         state.add_purchase_day(event.ts // DAY_MS, event.amount)
         stats.add(member_key(dict(state.purchase_days), UNCLAMPED_DAY))
 
+    def _order_segments(self, event: Event) -> list[Aggregates]:
+        """The segments of a purchase's order-dimension values; a value is known (reported)
+        from its first purchase on, even one older than every window."""
+        out = []
+        segments = self.aggs.segments
+        for dimension in self.order_dims:
+            value = (event.channel if dimension == "channel" else event.store_id) or UNKNOWN
+            segment = segments.get(f"{dimension}\t{value}")
+            if segment is None:
+                segment = self.aggs.segment(dimension, value)
+                if self.track_changes:
+                    self.changed_values.add(f"{dimension}\t{value}")
+            out.append(segment)
+        return out
+
     def _event_sums(self, event: Event, member: bool) -> None:
         bucket = event.ts // self.bucket_ms
+        kind = event.type
+        order_segments = self._order_segments(event) if self.order_dims and kind == PURCHASE else ()
+        if bucket <= self.aggs.floor or kind == ENROLLMENT:
+            return  # no window reaches back there any more; an enrollment has no event sums
         if self.track_changes:
             self.changed_buckets.add(bucket)
         sums = self.aggs.sums
-        kind = event.type
         if kind == PURCHASE:
             who = _MEMBER_SUMS if member else _GUEST_SUMS
             hist = sums[who[0]]
@@ -253,9 +417,7 @@ class Processor:
                 hist[bucket] = hist.get(bucket, 0) + event.margin
                 hist = sums[who[3]]
                 hist[bucket] = hist.get(bucket, 0) + 1
-            for dimension in self.order_dims:
-                value = (event.channel if dimension == "channel" else event.store_id) or UNKNOWN
-                segment = self.aggs.segment(dimension, value)
+            for segment in order_segments:
                 segment.add(who[0], bucket, event.amount)
                 segment.add(who[1], bucket, 1)
                 if event.margin is not None:
@@ -313,6 +475,24 @@ class Processor:
         for bucket in expiry_buckets:
             for member_id in list(self.expiry_index.get(bucket, ())):
                 self._expiry_notices(member_id, self.members[member_id], K)
+        self.trim_history()
+
+    def history_floor(self, K: int) -> int:
+        """The floor of the aggregates as of K: a function of K alone (a recovered partition
+        folds exactly what it had folded), at most K - reach - step."""
+        step = self.floor_step
+        return ((K - self.reach) // step - 1) * step
+
+    def trim_history(self) -> None:
+        """Fold the history no KPI can read any more as of the current K (bounded_history);
+        with track_changes the dropped buckets' records are deleted at the next flush."""
+        if not self.bounded_history or self.K is None:
+            return
+        floor = self.history_floor(self.K)
+        if floor > self.aggs.floor:
+            dropped = self.aggs.collapse(floor)
+            if self.track_changes:
+                self.changed_buckets |= dropped
 
     def _record_churn_history(self, previous: int, K: int) -> None:
         """Snapshots as of every bucket the clock passed through, [previous, K) (the state did
@@ -470,8 +650,10 @@ def member_status(state: MemberState, K: int, settings: Settings) -> dict[str, A
 class PartitionStore:
     """Persistence of one Processor's state as records (the live worker's state log).
 
-    Three record kinds, all plain bytes: member states (``MemberState.to_bytes``), bucket records
-    (the event sums of one bucket) and de-duplication entries for events without member state.
+    Four record kinds, all plain bytes: member states (``MemberState.to_bytes``), bucket records
+    (the event sums of one bucket), de-duplication entries for events without member state,
+    and the order-dimension values seen (their sums may all be folded away, see
+    :meth:`Processor.trim_history`).
     Everything else (histograms, indexes) is derived from them when a partition is (re)assigned,
     so the state log is the only state that moves.
     """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 __all__ = [
     "parse_duration",
@@ -66,12 +67,29 @@ def parse_rfc3339_ms(text: str) -> int:
     return (datetime.fromisoformat(text) - _EPOCH) // _ONE_MS
 
 
+_DAY_MS = 86_400_000
+# the pieces of a time of day: "HH:MM:" per minute, "SS" per second, ".mmmZ" per millisecond
+_MINUTES = [f"{hour:02d}:{minute:02d}:" for hour in range(24) for minute in range(60)]
+_SECONDS = [f"{second:02d}" for second in range(60)]
+_MILLIS = ["Z"] + [f".{milli:03d}Z" for milli in range(1, 1000)]
+
+
+@lru_cache(maxsize=4096)
+def _date_prefix(day: int) -> str:
+    """``YYYY-MM-DDT`` of a day since the epoch."""
+    return (_EPOCH + timedelta(days=day)).strftime("%Y-%m-%dT")
+
+
 def format_rfc3339(ms: int) -> str:
-    """Epoch milliseconds to an RFC 3339 UTC string (``2024-01-31T00:00:00Z``)."""
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    if ms % 1000:
-        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Epoch milliseconds to an RFC 3339 UTC string (``2024-01-31T00:00:00Z``, with ``.mmm``
+    when there are milliseconds).
+
+    Assembled from cached dates and tables of the pieces of a time of day: the live worker
+    formats a timestamp per changed member and signal, and a datetime per call was most of it."""
+    day, rest = divmod(ms, _DAY_MS)
+    minute, rest = divmod(rest, 60_000)
+    second, milli = divmod(rest, 1000)
+    return _date_prefix(day) + _MINUTES[minute] + _SECONDS[second] + _MILLIS[milli]
 
 
 def as_of_time(bucket: int, bucket_ms: int) -> str:

@@ -29,7 +29,7 @@ from ..core.kpis import KPI_TOPICS, Aggregates
 from ..settings import Settings
 from .kafka_log import aiokafka_config, partials_topic
 from .kafka_tools import MAX_RECORD_BYTES
-from .partition import parse_partial
+from .partition import parse_partial, partial_max_ts
 
 __all__ = ["Exporter", "ExporterConsumer", "HISTORY_KEY"]
 
@@ -45,8 +45,8 @@ class Exporter:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.clock = clock
-        self.raw: dict[int, bytes] = {}
-        self.decoded: dict[int, tuple[int | None, Aggregates]] = {}
+        self.raw: dict[int, bytes] = {}  # partition -> its latest partial, as published
+        self.max_ts: dict[int, int | None] = {}
         self.churn_history: dict[int, dict[int, tuple[int, int]]] = {}
         self.version = 0
         self.last_state: tuple[int, int] | None = None
@@ -66,21 +66,22 @@ class Exporter:
             return
         partition = int(key)
         self.raw[partition] = value
-        self.decoded.pop(partition, None)
+        self.max_ts[partition] = partial_max_ts(value)
         self.version += 1
 
     def as_of_bucket(self) -> int | None:
         if self.settings.clock == "wall":
             return int(self.clock() * 1000) // self.settings.bucket_ms
-        stamps = [max_ts for max_ts, _ in self._partials() if max_ts is not None]
+        stamps = [max_ts for max_ts in self.max_ts.values() if max_ts is not None]
         return max(stamps) // self.settings.bucket_ms if stamps else None
 
-    def _partials(self) -> list[tuple[int | None, Aggregates]]:
-        for partition, value in self.raw.items():
-            if partition not in self.decoded:
-                max_ts, _, data = parse_partial(value)
-                self.decoded[partition] = (max_ts, Aggregates.from_bytes(data))
-        return list(self.decoded.values())
+    def merged(self) -> Aggregates:
+        """The sum of every partition's partial, decoded one at a time into the total (the
+        exporter holds the published bytes and one total, not a decoded copy per partition)."""
+        total = Aggregates()
+        for value in self.raw.values():
+            total.merge_bytes(parse_partial(value)[2])
+        return total
 
     def evaluate(self) -> list[dict[str, Any]]:
         """The KPI records, or [] when neither a partial nor the as-of bucket changed."""
@@ -91,7 +92,7 @@ class Exporter:
         if state == self.last_state:
             return []
         self.last_state = state
-        merged = Aggregates.merged(aggs for _, aggs in self._partials())
+        merged = self.merged()
         return evaluate_kpis(self.settings, merged, K, self.churn_history, self.clv_model)
 
     def history_record(self) -> bytes:

@@ -13,9 +13,11 @@ from the local store and the state log, which only ever hold committed batches
 State log records (key -> value, one per changed key and batch):
 
 * ``m:<member_id>`` -> ``MemberState.to_bytes()``
-* ``b:<bucket>`` -> the event sums of one bucket (guests, surveys, revenue, points, mentions)
+* ``b:<bucket>`` -> the event sums of one bucket (guests, surveys, revenue, points, mentions),
+  or None once the bucket is at or before the aggregates' floor (no window reaches it)
 * ``s:<dedupe key>`` -> b"" (de-duplication entry of an event without member state),
   or None (a tombstone: the entry was evicted)
+* ``v:<dimension>\t<value>`` -> b"": an order-dimension value some purchase had (SPEC 4.2)
 * ``p`` -> ``{"positions": {topic: next offset}, "max_ts": largest event ts seen}``, written by
   every batch
 """
@@ -38,9 +40,9 @@ from ..settings import Settings
 from .store import LocalStore
 
 __all__ = ["PartitionTask", "Commit", "InputRecord", "POSITIONS_KEY", "partial_value",
-           "parse_partial"]
+           "parse_partial", "partial_max_ts", "member_statuses", "statuses_from_records"]
 
-MEMBER, BUCKET, SEEN = b"m:", b"b:", b"s:"
+MEMBER, BUCKET, SEEN, VALUE = b"m:", b"b:", b"s:", b"v:"
 POSITIONS_KEY = b"p"
 
 WRONG_KEY_DETAIL = ("the Kafka message key must be the member_id (the event_id for guest events) "
@@ -70,6 +72,9 @@ class Commit:
     partial: bytes | None = None                          # this partition's aggregates
     positions: dict[str, int] = field(default_factory=dict)  # input topic -> next offset
     member_statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # for Redis
+    members: dict[str, bytes] = field(default_factory=dict)  # member_id -> its state record
+    as_of: int | None = None            # the as-of bucket of the batch's member states
+    clv_params: tuple | None = None     # the CLV fit the member states' predictions use
     outcomes: dict[tuple[str, str], int] = field(default_factory=dict)  # (topic, outcome) -> n
 
 
@@ -81,6 +86,34 @@ def partial_value(max_ts: int | None, positions: Mapping[str, int], aggs_bytes: 
     progress = sum(positions.values())
     return (b"%d|%d|z|" % (-1 if max_ts is None else max_ts, progress)
             + zlib.compress(aggs_bytes, 1))
+
+
+def partial_max_ts(value: bytes) -> int | None:
+    """The largest event ts of a partial, read from its header alone."""
+    max_ts = int(value[:value.index(b"|")])
+    return None if max_ts < 0 else max_ts
+
+
+def member_statuses(states: list[MemberState], K: int, settings: Settings,
+                    clv_params: tuple | None = None) -> list[dict[str, Any]]:
+    """The read-model statuses of these member states as of K, with their CLV predictions
+    when ``clv_params`` (BG/NBD, Gamma-Gamma parameters of the latest fit) are given."""
+    statuses = [member_status(state, K, settings) for state in states]
+    if clv_params is not None and clv_params[0]:
+        from ..core.predictive import member_predictions  # numpy and scipy: CLV only
+
+        predictions = member_predictions(states, K, settings, *clv_params)
+        for status, prediction in zip(statuses, predictions, strict=True):
+            if prediction is not None:
+                status.update(prediction)
+    return statuses
+
+
+def statuses_from_records(settings: Settings, K: int, clv_params: tuple | None,
+                          records: list[bytes]) -> list[dict[str, Any]]:
+    """:func:`member_statuses` of members given by their state records (``MemberState.to_bytes``)."""
+    return member_statuses([MemberState.from_bytes(record) for record in records], K, settings,
+                           clv_params)
 
 
 def parse_partial(value: bytes) -> tuple[int | None, int, bytes]:
@@ -182,6 +215,8 @@ class PartitionTask:
                 PartitionStore.load_bucket(processor, int(key[2:]), value)
             elif kind == SEEN:
                 processor.seen_without_member[key[2:].decode()] = None
+            elif kind == VALUE:
+                processor.aggs.segment(*key[2:].decode().split("\t", 1))
             elif key == POSITIONS_KEY:
                 recorded = orjson.loads(value)
                 if "positions" in recorded:
@@ -197,6 +232,7 @@ class PartitionTask:
             processor.K = processor.max_ts // self.settings.bucket_ms
         if self.settings.clock == "wall":
             processor.K = int(time.time() * 1000) // self.settings.bucket_ms
+        processor.trim_history()
         self.published_version = -1 if processor.max_ts is not None else 0
 
     def position(self, topic: str) -> int:
@@ -245,28 +281,25 @@ class PartitionTask:
         self.pending = commit
         processor = self.processor
         state = commit.state
-        K = processor.K
-        for member_id, member in self.members.dirty.items():
-            state.append((MEMBER + member_id.encode(), member.to_bytes()))
-            if with_statuses and K is not None:
-                commit.member_statuses[member_id] = member_status(member, K, self.settings)
-        if with_statuses and K is not None and clv_params is not None and clv_params[0]:
-            from ..core.predictive import member_predictions  # numpy and scipy: CLV only
-
-            ids = list(commit.member_statuses)
-            predictions = member_predictions([self.members.dirty[m] for m in ids], K,
-                                             self.settings, *clv_params)
-            for member_id, prediction in zip(ids, predictions, strict=True):
-                if prediction is not None:
-                    commit.member_statuses[member_id].update(prediction)
-        for bucket in processor.changed_buckets:
-            state.append((BUCKET + str(bucket).encode(),
-                          PartitionStore.bucket_record(processor, bucket)))
+        dirty = self.members.dirty
+        records = [member.to_bytes() for member in dirty.values()]
+        state += zip([MEMBER + member_id.encode() for member_id in dirty], records, strict=True)
+        commit.members = dict(zip(dirty, records, strict=True))
+        commit.as_of, commit.clv_params = processor.K, clv_params
+        if with_statuses:
+            commit.member_statuses.update(self.changed_statuses(clv_params))
+        floor = processor.aggs.floor
+        for bucket in processor.changed_buckets:  # at or before the floor: folded away
+            state.append((BUCKET + str(bucket).encode(), None if bucket <= floor
+                          else PartitionStore.bucket_record(processor, bucket)))
         for key in processor.changed_seen:
             value = b"" if key in processor.seen_without_member else None
             state.append((SEEN + key.encode(), value))
+        for key in processor.changed_values:
+            state.append((VALUE + key.encode(), b""))
         processor.changed_buckets.clear()
         processor.changed_seen.clear()
+        processor.changed_values.clear()
         commit.signals, self.signals = self.signals, []
         commit.signal_counts, self.signal_counts = self.signal_counts, {}
         version = processor.version
@@ -280,6 +313,17 @@ class PartitionTask:
         state.append((POSITIONS_KEY, orjson.dumps({"positions": commit.positions,
                                                    "max_ts": processor.max_ts})))
         return commit
+
+    def changed_statuses(self, clv_params: tuple | None = None) -> dict[str, dict[str, Any]]:
+        """The read-model status of every member the batch changed (none before the as-of
+        bucket is known), with their CLV predictions when ``clv_params`` (BG/NBD, Gamma-Gamma
+        parameters of the latest fit) are given."""
+        K = self.processor.K
+        if K is None:
+            return {}
+        dirty = self.members.dirty
+        return dict(zip(dirty, member_statuses(list(dirty.values()), K, self.settings,
+                                               clv_params), strict=True))
 
     def committed(self, commit: Commit, log_end: int | None) -> None:
         """The Commit is durable: write its state records to the local store."""

@@ -7,10 +7,12 @@ So writing is split in two:
   in-memory pending maps (no I/O). KPI records are coalesced by Redis key and member
   updates by member id -- the latest wins -- so pending memory is bounded by the number of
   distinct KPI series and members, not by the event rate or the length of an outage.
-* ``await ReadModel.flush()`` (called from a timer) writes everything pending in MULTI/EXEC
-  pipelines. On a Redis error it logs a WARNING (no member ids; once a minute during a
-  long outage), counts the error, puts the unwritten state back and returns ``False``; the
-  next successful flush writes it all.
+* ``await ReadModel.flush()`` (called from a timer) writes everything pending in atomic
+  Lua script runs (one per chunk of members, see ``_WRITE_SCRIPT``). On a Redis error it
+  logs a WARNING (no member ids; once a minute during a long outage), counts the error,
+  puts the unwritten state back and returns ``False``; the next successful flush writes it
+  all. ``ReadModel.update_member_snapshots`` defers making a member's status to the flush,
+  so a member changed by many batches between two flushes costs one status, not one each.
   Short socket timeouts and no client-side retries keep a failing flush short.
 
 Key layout (project contract), ``prefix`` defaults to ``"stream-kpis:"``:
@@ -22,7 +24,7 @@ Key layout (project contract), ``prefix`` defaults to ``"stream-kpis:"``:
 * ``{prefix}at_risk`` -- sorted set member_id -> last_touch in epoch seconds.
 
 A null field is stored as an absent hash field (each hash is rewritten whole with
-DEL + HSET inside the transaction, so a reader never sees a half-updated hash). Numbers are
+DEL + HSET inside the atomic script run, so a reader never sees a half-updated hash). Numbers are
 stored as their decimal text (ints without a fraction, floats round-trip exact).
 
 The sync helpers ``read_kpi`` / ``read_member`` / ``at_risk_members`` read that layout back
@@ -39,11 +41,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import redis
 import redis.asyncio
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from ..core.timebase import format_rfc3339
 
 __all__ = [
     "DEFAULT_MAX_PENDING_MEMBERS",
@@ -70,7 +75,7 @@ DEFAULT_MAX_PENDING_MEMBERS = 250_000
 # Seconds for connect and for each reply. Loopback / same-zone Redis answers in
 # milliseconds; past this the read model is treated as down and retried next flush.
 DEFAULT_SOCKET_TIMEOUT = 0.5
-# Members per MULTI/EXEC: a catch-up after a long outage is written in several
+# Members per script run (an atomic write): a catch-up after a long outage is written in several
 # transactions, handing the event loop back in between.
 DEFAULT_MEMBERS_PER_PIPELINE = 10_000
 # Seconds between two WARNINGs of one outage (the first failure always warns).
@@ -116,10 +121,56 @@ def at_risk_key(prefix: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _MemberWrite:
-    """A member's hash fields, ready to write; ``at_risk_score`` None means ZREM."""
+    """A member's hash fields as [name, value, name, value, ...], ready to write;
+    ``at_risk_score`` (the score's text) None means ZREM."""
 
-    fields: dict[str, str]
-    at_risk_score: float | None
+    flat_fields: list[str]
+    at_risk_score: str | None
+
+
+#: A member update whose status is made at the flush: (snapshot, statuses_of), where
+#: ``statuses_of([snapshot, ...])`` gives the statuses (a plain tuple: one is queued per member
+#: and batch, so it must be cheap to make).
+_Deferred = tuple
+
+
+def _resolve(pending: Mapping[str, _MemberWrite | _Deferred]) -> list[tuple[str, _MemberWrite]]:
+    """The pending member updates, deferred ones made into writes (one ``statuses_of`` call per
+    function, over all its snapshots)."""
+    members = list(pending.items())
+    groups: dict[int, list[int]] = {}
+    for i, (_, write) in enumerate(members):
+        if write.__class__ is tuple:
+            groups.setdefault(id(write[1]), []).append(i)
+    for indexes in groups.values():
+        statuses_of = members[indexes[0]][1][1]
+        statuses = statuses_of([members[i][1][0] for i in indexes])
+        for i, status in zip(indexes, statuses, strict=True):
+            members[i] = (members[i][0], _member_write(status))
+    return members
+
+
+#: One flush chunk: ARGV[1] is JSON ``[[[key, [name, value, ...]], ...], [[member_id, score or
+#: null], ...]]``; each hash is replaced whole (DEL + HSET), then each member is added to or
+#: removed from the at-risk set KEYS[1]. A script runs atomically, like MULTI/EXEC. Hash keys are
+#: not declared in KEYS: like the MULTI/EXEC it replaces, this needs one Redis, not a cluster.
+_WRITE_SCRIPT = """
+local data = cjson.decode(ARGV[1])
+for _, entry in ipairs(data[1]) do
+  redis.call('DEL', entry[1])
+  if #entry[2] > 0 then
+    redis.call('HSET', entry[1], unpack(entry[2]))
+  end
+end
+for _, entry in ipairs(data[2]) do
+  if entry[2] == cjson.null then
+    redis.call('ZREM', KEYS[1], entry[1])
+  else
+    redis.call('ZADD', KEYS[1], entry[2], entry[1])
+  end
+end
+return #data[1]
+"""
 
 
 class ReadModel:
@@ -156,6 +207,7 @@ class ReadModel:
         self._pending_kpis: dict[str, dict[str, str]] = {}
         self._pending_members: dict[str, _MemberWrite] = {}
         self._inflight_members = 0  # taken by a running flush, still count toward the bound
+        self._script: Any = None  # _WRITE_SCRIPT registered with the current client
         self._flushing = False
         self._warned_drop = False
         self._failures_in_row = 0
@@ -232,10 +284,31 @@ class ReadModel:
         ``dropped_member_updates`` (and ``on_drop``) -- its Redis hash stays stale until
         its next update, so re-publish all statuses if that counter moved.
         """
+        self._enqueue_members((member_id, _member_write(status))
+                              for member_id, status in statuses.items())
+
+    def update_member_snapshots(self, snapshots: Mapping[str, Any],
+                                statuses_of: Callable[[list[Any]], list[Mapping[str, Any]]]
+                                ) -> None:
+        """Queue members whose statuses are made only when they are written.
+
+        ``snapshots`` maps member ids to immutable values (the worker passes each member's
+        committed state record) and ``statuses_of`` turns a list of them into their statuses
+        (as ``update_members`` takes them) at the next flush, once per member however many
+        commits changed it meanwhile. Same coalescing and bound as ``update_members``; a
+        status ``statuses_of`` gets wrong fails that flush (a bug, not an outage)."""
+        pending = self._pending_members
+        if len(pending) + self._inflight_members + len(snapshots) <= self.max_pending_members:
+            pending.update({member_id: (snapshot, statuses_of)  # within the bound: no checks
+                            for member_id, snapshot in snapshots.items()})
+            return
+        self._enqueue_members((member_id, (snapshot, statuses_of))
+                              for member_id, snapshot in snapshots.items())
+
+    def _enqueue_members(self, writes: Iterable[tuple[str, _MemberWrite | _Deferred]]) -> None:
         pending = self._pending_members
         dropped = 0
-        for member_id, status in statuses.items():
-            write = _member_write(status)
+        for member_id, write in writes:
             if (member_id not in pending
                     and len(pending) + self._inflight_members >= self.max_pending_members):
                 dropped += 1
@@ -267,9 +340,9 @@ class ReadModel:
             return False
         if not self._pending_kpis and not self._pending_members:
             return True
+        members = _resolve(self._pending_members)  # before anything changes: a bug raises here
         self._flushing = True
         kpis, self._pending_kpis = self._pending_kpis, {}
-        members = list(self._pending_members.items())
         self._pending_members = {}
         self._inflight_members = len(members)
         written = 0  # members written so far; KPIs go with the first transaction
@@ -303,21 +376,19 @@ class ReadModel:
 
     async def _write(self, client: redis.asyncio.Redis, kpis: Mapping[str, Mapping[str, str]],
                      members: list[tuple[str, _MemberWrite]]) -> None:
-        """One MULTI/EXEC with the given KPI hashes and member updates."""
-        async with client.pipeline(transaction=True) as pipe:
-            for key, fields in kpis.items():
-                pipe.delete(key)
-                pipe.hset(key, mapping=fields)
-            at_risk = at_risk_key(self.prefix)
-            for member_id, write in members:
-                key = member_key(self.prefix, member_id)
-                pipe.delete(key)
-                pipe.hset(key, mapping=write.fields)
-                if write.at_risk_score is None:
-                    pipe.zrem(at_risk, member_id)
-                else:
-                    pipe.zadd(at_risk, {member_id: write.at_risk_score})
-            await pipe.execute()
+        """One atomic script run with the given KPI hashes and member updates.
+
+        The updates travel as one JSON argument of :data:`_WRITE_SCRIPT` (decoded by Redis'
+        cjson): as atomic as MULTI/EXEC, but a command and a reply per flush chunk instead of
+        three per member, whose packing and reply parsing in redis-py were most of a flush."""
+        if self._script is None or self._script.registered_client is not client:
+            self._script = client.register_script(_WRITE_SCRIPT)
+        prefix = self.prefix
+        hashes = [(key, [x for item in fields.items() for x in item])
+                  for key, fields in kpis.items()]
+        hashes += [(f"{prefix}member:{member_id}", write.flat_fields) for member_id, write in members]
+        at_risk = [(member_id, write.at_risk_score) for member_id, write in members]
+        await self._script(keys=[at_risk_key(prefix)], args=[orjson.dumps([hashes, at_risk])])
 
     def _restore(self, kpis: dict[str, dict[str, str]],
                  members: list[tuple[str, _MemberWrite]]) -> None:
@@ -379,7 +450,7 @@ def _put_numbers(fields: dict[str, str], source: Mapping[str, Any],
 
 def _timestamp(name: str, value: Any) -> tuple[str, float]:
     """(RFC 3339 text, epoch seconds) of an RFC 3339 string, aware datetime or epoch ms."""
-    if isinstance(value, str):
+    if value.__class__ is str:
         moment = datetime.fromisoformat(value)
         if moment.tzinfo is None:
             raise ValueError(f"{name} {value!r} has no UTC offset; write it like "
@@ -389,29 +460,39 @@ def _timestamp(name: str, value: Any) -> tuple[str, float]:
         if value.tzinfo is None:
             raise ValueError(f"{name} must be timezone-aware, got {value!r}")
         seconds = value.timestamp()
-    elif isinstance(value, int) and not isinstance(value, bool):
-        seconds = value / 1000
-    else:
-        raise ValueError(f"{name} must be RFC 3339 text, an aware datetime or epoch ms, "
-                         f"got {value!r}")
-    moment = datetime.fromtimestamp(seconds, UTC)
-    spec = "milliseconds" if moment.microsecond else "seconds"
-    return moment.isoformat(timespec=spec).replace("+00:00", "Z"), seconds
+        moment = datetime.fromtimestamp(seconds, UTC)
+        spec = "milliseconds" if moment.microsecond else "seconds"
+        return moment.isoformat(timespec=spec).replace("+00:00", "Z"), seconds
+    if isinstance(value, int) and not isinstance(value, bool):
+        return format_rfc3339(value), value / 1000
+    raise ValueError(f"{name} must be RFC 3339 text, an aware datetime or epoch ms, "
+                     f"got {value!r}")
+
+
+_OPTIONAL_NUMBERS = ("points_balance", "next_expiry_points", "p_alive", "expected_purchases",
+                     "expected_value")
 
 
 def _member_write(status: Mapping[str, Any]) -> _MemberWrite:
+    """A member status validated and encoded for its hash (called per changed member and
+    commit: kept to the fields a status has)."""
     state = status["status"]
     if state not in MEMBER_STATUSES:
         raise ValueError(f"member status {state!r} is not one of {sorted(MEMBER_STATUSES)}")
     last_touch, last_touch_seconds = _timestamp("last_touch", status["last_touch"])
-    fields = {"last_touch": last_touch, "status": state}
-    _put_numbers(fields, status, ("points_balance", "next_expiry_points", "p_alive",
-                                  "expected_purchases", "expected_value"))
-    if status.get("tier") is not None:
-        fields["tier"] = str(status["tier"])
-    if status.get("next_expiry_at") is not None:
-        fields["next_expiry_at"] = _timestamp("next_expiry_at", status["next_expiry_at"])[0]
-    return _MemberWrite(fields, last_touch_seconds if state == "at_risk" else None)
+    flat = ["last_touch", last_touch, "status", state]
+    get = status.get
+    for name in _OPTIONAL_NUMBERS:
+        value = get(name)
+        if value is not None:
+            flat += (name, str(value) if value.__class__ is int else _encode_number(name, value))
+    tier = get("tier")
+    if tier is not None:
+        flat += ("tier", str(tier))
+    expiry = get("next_expiry_at")
+    if expiry is not None:
+        flat += ("next_expiry_at", _timestamp("next_expiry_at", expiry)[0])
+    return _MemberWrite(flat, repr(last_touch_seconds) if state == "at_risk" else None)
 
 
 # -- sync readers (tests, CLI) ----------------------------------------------------------------

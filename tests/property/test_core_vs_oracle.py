@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from stream_kpis.core import Processor
 from stream_kpis.core.events import Event, EventParser
+from stream_kpis.core.kpis import NO_FLOOR
 from stream_kpis.settings import Settings
 from tests.oracle import brute_force_kpis
 
@@ -59,9 +60,9 @@ def _settings(validity_buckets: int | None) -> Settings:
                     lexicons=LEXICONS, segments=SEGMENTS)
 
 
-def _run_core(events: list[dict], config: Settings) -> Processor:
+def _run_core(events: list[dict], config: Settings, bounded_history: bool = True) -> Processor:
     parser = EventParser()
-    processor = Processor(config, on_signal=lambda signal: None)
+    processor = Processor(config, on_signal=lambda signal: None, bounded_history=bounded_history)
     for raw in events:
         event = parser.validate(dict(raw), b"", raw["type"])
         assert isinstance(event, Event), event
@@ -102,6 +103,7 @@ def compare_records(records: list[dict], events: list[dict], config: Settings, K
 def test_core_equals_brute_force(events, validity, later):
     config = _settings(validity)
     processor = _run_core(events, config)
+    event(f"history folded: {processor.aggs.floor != NO_FLOOR}")
     if processor.as_of_bucket() is None:
         assert processor.evaluate() == []
         return
@@ -150,6 +152,70 @@ def test_cohorts_and_segments_over_months_equal_brute_force(events, cohorts, age
                       lexicons=LEXICONS, segments=SEGMENTS, cohorts=cohorts, cohort_ages=ages)
     shuffled = list(events)
     seed.shuffle(shuffled)
-    processor = _run_core(shuffled, config)
+    # an evaluation as of an earlier bucket needs the history the floor folds away
+    processor = _run_core(shuffled, config, bounded_history=later >= 0)
     if processor.as_of_bucket() is not None:
         _compare(processor, shuffled, config, max(0, processor.as_of_bucket() + later))
+
+
+def _parsed(events: list[dict]) -> list[Event]:
+    parser = EventParser()
+    return [parser.validate(dict(raw), b"", raw["type"]) for raw in events]
+
+
+def _run_batches(events: list[Event], config: Settings, cuts: list[int]) -> tuple[Processor, list]:
+    """The events cut at ``cuts`` (positions, any order, repeats) and applied batch by batch."""
+    signals: list = []
+    processor = Processor(config, on_signal=signals.append, record_churn_history=True)
+    edges = [0, *sorted(c % (len(events) + 1) for c in cuts), len(events)]
+    for start, end in zip(edges, edges[1:], strict=False):
+        processor.process_batch(events[start:end])
+    return processor, signals
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=streams, validity=st.none() | st.integers(2, 12), later=st.integers(0, 15),
+       cuts=st.lists(st.integers(0, 60), max_size=8), seed=st.randoms())
+def test_batches_cut_anywhere_equal_brute_force(events, validity, later, cuts, seed):
+    """The same events, in any arrival order, cut into batches at random: the oracle's KPIs."""
+    config = _settings(validity).with_overrides(segments=())  # the batch path proper
+    shuffled = list(events)
+    seed.shuffle(shuffled)
+    processor, _ = _run_batches(_parsed(shuffled), config, cuts)
+    if processor.as_of_bucket() is None:
+        assert processor.evaluate() == []
+        return
+    _compare(processor, shuffled, config, processor.as_of_bucket())
+    _compare(processor, shuffled, config, processor.as_of_bucket() + later)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=st.one_of(streams, months_stream), validity=st.none() | st.integers(2, 12),
+       cuts=st.lists(st.integers(0, 60), max_size=8), segments=st.booleans(),
+       seed=st.randoms())
+def test_batches_give_what_one_event_at_a_time_gives(events, validity, cuts, segments, seed):
+    """Batches give exactly the per-event path's state: aggregates (churn history included),
+    members, counts and every signal, in order; hourly and daily buckets; with segments (which
+    go event by event) and without."""
+    config = _settings(validity)
+    if not segments:
+        config = config.with_overrides(segments=())
+    shuffled = list(events)
+    seed.shuffle(shuffled)
+    parsed = _parsed(shuffled)
+    one_by_one: list = []
+    expected = Processor(config, on_signal=one_by_one.append, record_churn_history=True)
+    for item in parsed:
+        expected.process(item)
+    got, signals = _run_batches(parsed, config, cuts)
+    assert got.aggs.to_bytes() == expected.aggs.to_bytes()
+    assert got.churn_history == expected.churn_history
+    assert {m: s.to_bytes() for m, s in got.members.items()} == \
+        {m: s.to_bytes() for m, s in expected.members.items()}
+    assert (got.applied, got.duplicates, got.version, got.K, got.max_ts) == \
+        (expected.applied, expected.duplicates, expected.version, expected.K, expected.max_ts)
+    assert (got.touch_index, got.expiry_index, got.seen_without_member) == \
+        (expected.touch_index, expected.expiry_index, expected.seen_without_member)
+    assert signals == one_by_one
+    if got.K is not None:
+        assert got.evaluate() == expected.evaluate()

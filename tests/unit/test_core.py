@@ -437,3 +437,114 @@ def test_rebuild_keeps_the_as_of_bucket_when_the_last_event_is_not_member_activi
     copy = open_task(settings, store).processor
     assert copy.as_of_bucket() == 9
     assert copy.evaluate() == original.evaluate()
+
+
+# --- bounded history (Aggregates.collapse) ---------------------------------------------------
+
+def test_history_reach_is_the_longest_lookback_of_any_formula():
+    from stream_kpis.core.kpis import history_reach
+
+    # churn_rate_w reads back to K-w-h+1 for windows w <= h; one_and_done to K-s; windows to K-w+1
+    assert history_reach([3, 7, 12], horizon=8, settle=5) == 8 + 7
+    assert history_reach([30, 90, 365], horizon=90, settle=90) == 365
+    assert history_reach([3], horizon=4, settle=9) == 9
+
+
+def _long_stream(buckets: int) -> list[dict]:
+    """Members enrolling, buying, redeeming and answering surveys over ``buckets`` buckets,
+    with a late event (50 buckets old) every 10 buckets and a tier change now and then."""
+    events = []
+    for k in range(buckets):
+        member = f"m{k % 17}"
+        events.append(enrollment(f"e{k}", f"n{k}", k, "web" if k % 3 else "app",
+                                 tier="gold" if k % 5 == 0 else None))
+        events.append(purchase(f"p{k}", member, k, 10.0 + k % 7, points=k % 4, margin=2.5,
+                               tier="silver" if k % 23 == 0 else None))
+        events.append(purchase(f"g{k}", None, k, 4.0))
+        if k % 4 == 0:
+            events.append(redemption(f"r{k}", member, k, 1))
+        events.append(survey(f"s{k}", member if k % 2 else None, k, nps=k % 11, comment="slow"))
+        if k % 10 == 9 and k >= 50:
+            events.append(purchase(f"late{k}", f"n{k - 50}", k - 50, 3.0, points=1))
+    return events
+
+
+@pytest.mark.parametrize("validity_ms", [None, 6 * B])
+def test_bounded_history_equals_the_whole_history(make_settings, validity_ms):
+    settings = make_settings(windows=(3, 5), h=4, s=6, validity_ms=validity_ms,
+                             lexicons={"friction": ["slow"]},
+                             segments=["tier", "enrollment_channel", "home_store", "channel",
+                                       "store_id"])
+    events = _long_stream(300)
+    bounded = feed(Processor(settings), events)
+    whole = feed(Processor(settings, bounded_history=False), events)
+    K = bounded.as_of_bucket()
+    floor = bounded.aggs.floor
+    reach = bounded.reach  # max(3, 5, 4 + 3, 4, 6) = 7
+    assert reach == 7 and K - reach - 2 * bounded.floor_step < floor <= K - reach - bounded.floor_step
+    for later in (0, 1, 9, 40):  # as of K and later buckets (the clock only moves forward)
+        assert bounded.evaluate(K + later) == whole.evaluate(K + later)
+    # bounded by the reach (and lots by their validity ahead of K), not by 300 buckets of history
+    ahead = 0 if validity_ms is None else validity_ms // B
+    hists = [h for aggs in (bounded.aggs, *bounded.aggs.segments.values())
+             for h in (*aggs.hists, *aggs.sums.values(), *aggs.mentions.values())]
+    bound = reach + 2 * bounded.floor_step + 1 + ahead
+    assert len(bounded.aggs.segments) > 5 and all(len(h) <= bound for h in hists)
+    assert max(len(h) for h in whole.aggs.hists) > 250
+
+
+def test_bucket_records_of_folded_buckets_are_deleted_and_a_rebuild_agrees(make_settings):
+    settings = make_settings(windows=(3,), h=4, s=4, segments=["store_id"])
+    events = _long_stream(40)
+    store = MemoryStore()
+    task = open_task(settings, store)
+    records = input_records(settings, events)
+    deleted: set[bytes] = set()
+    for i in range(0, len(records), 25):  # batches of 25 records
+        commit = commit_batch(task, records[i:i + 25])
+        deleted |= {key for key, value in commit.state if value is None}
+    floor = task.processor.aggs.floor
+    buckets = {int(key[2:]) for key, _ in store.items() if key.startswith(b"b:")}
+    assert buckets and min(buckets) > floor
+    assert {b"b:%d" % k for k in range(floor - 5, floor + 1)} <= deleted
+    # the order-dimension value of a purchase older than every window is still known
+    assert b"v:store_id\tunknown" in dict(store.items())
+    rebuilt = open_task(settings, store).processor
+    assert rebuilt.aggs.floor == floor
+    assert rebuilt.evaluate() == task.processor.evaluate()
+    assert rebuilt.evaluate() == feed(Processor(settings, bounded_history=False),
+                                      events).evaluate(rebuilt.as_of_bucket())
+
+
+def _slots(aggs) -> dict:
+    from stream_kpis.core.kpis import Aggregates
+
+    return {name: getattr(aggs, name) for name in Aggregates.__slots__
+            if name not in ("segments", "floor")} | {
+        "segments": {key: _slots(segment) for key, segment in aggs.segments.items()}}
+
+
+def test_aggregates_round_trip_and_the_format_1_partials_of_earlier_versions_still_load(
+        make_settings):
+    from stream_kpis.core.kpis import Aggregates
+
+    settings = make_settings(windows=(3,), segments=["tier", "store_id"], cohorts=3,
+                             lexicons={"friction": ["slow"]})
+    aggs = feed(Processor(settings), _long_stream(12)).aggs
+    assert _slots(Aggregates.from_bytes(aggs.to_bytes())) == _slots(aggs)
+    # format 1, written before format 2: histograms as [[key, value], ...] pairs
+    one = Aggregates()
+    one.move_member(None, (3, 5, 5, None, 5, None, 5, 5, "web", "gold"))
+    one.add("member_revenue", 5, 12.5)
+    one.segment("tier", "gold").add("member_orders", 5, 1)
+    format_1 = orjson.dumps({
+        "hists": [[[3, 1]], [[5, 1]], [[5, 1]], [], [[5, 1]], [], [[5, 1]], [[5, 1]]],
+        "by_channel": {"web": [[3, 1]]}, "tiers": {"gold": 1},
+        "sums": {"member_revenue": [[5, 12.5]]}, "mentions": {},
+        "totals": {"members": 1, "purchasers": 0, "lifetime_spend": 0, "points_balance": 0,
+                   "unbacked": 0},
+        "segments": {"tier\tgold": {"hists": [[]] * 8, "by_channel": {}, "tiers": {},
+                                    "sums": {"member_orders": [[5, 1]]}, "mentions": {},
+                                    "totals": dict.fromkeys(one.totals, 0)}},
+        "cohort_members": [], "cohort_active": [], "cohort_max": [], "clv": None})
+    assert _slots(Aggregates.from_bytes(format_1)) == _slots(one)

@@ -10,6 +10,8 @@ import base64
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stream_kpis.core.events import (
     ENROLLMENT,
@@ -329,3 +331,50 @@ def test_dead_letter_record_base64_for_non_utf8():
 def test_dead_letter_record_base64_small_example():
     # b"\xff\xfe" is 11111111 11111110 -> 6-bit groups 111111 111111 111000 (+ pad) -> "//4="
     assert DeadLetter("malformed_json", "x", b"\xff\xfe").to_record()["value_base64"] == "//4="
+
+
+# ---- the one-pass validation equals the check-by-check one ------------------------------------
+
+_ANY_VALUE = (st.none() | st.booleans() | st.integers(-3, 12) | st.integers(-2**70, 2**70)
+              | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(["", "x", "7"])
+              | st.text(max_size=3) | st.just("y" * 257) | st.just([1]) | st.just({"a": 1})
+              | st.sampled_from(["2024-01-01T00:00:00Z", "2024-01-01T01:00:00+01:00",
+                                 "2024-01-01", "2101-01-01T00:00:00Z", "1969-12-31T23:59:59Z"])
+              | st.sampled_from([JAN_1_2024_MS, -1, 4_102_444_800_000, 4_102_444_799_999]))
+_FIELD_NAMES = ("type", "event_id", "member_id", "ts", "amount", "points", "margin", "value",
+                "channel", "tier", "nps", "csat", "comment", "store_id", "currency", "reward_id")
+_LIKELY = {"type": st.sampled_from([PURCHASE, REDEMPTION, ENROLLMENT, SURVEY, "refund"]),
+           "event_id": st.sampled_from(["e1", "", "z" * 256]),
+           "member_id": st.none() | st.just("m1"),
+           "ts": st.sampled_from([JAN_1_2024_MS, "2024-01-01T00:00:00Z"]),
+           "amount": st.floats(-1, 100) | st.integers(-1, 100),
+           "points": st.integers(-1, 100), "nps": st.integers(-1, 11), "csat": st.integers(0, 6)}
+
+
+def _fields(event: Event) -> tuple:
+    return tuple((name, getattr(event, name), type(getattr(event, name))) for name in Event.__slots__)
+
+
+@given(obj=st.fixed_dictionaries({}, optional={
+           name: (_LIKELY[name] | _ANY_VALUE) if name in _LIKELY else _ANY_VALUE
+           for name in _FIELD_NAMES}),
+       event_type=st.none() | st.sampled_from([PURCHASE, REDEMPTION, ENROLLMENT, SURVEY]),
+       now_ms=st.none() | st.sampled_from([JAN_1_2024_MS - 4 * HOUR_MS, JAN_1_2024_MS]))
+@settings(max_examples=1500, deadline=None)
+def test_validate_equals_the_check_by_check_validation(obj, event_type, now_ms):
+    """validate's one-pass path gives the same Event, or the same dead letter and detail, as
+    checking each rule in turn (mostly valid objects, and objects with any field wrong)."""
+    parser = EventParser()
+    got = parser.validate(dict(obj), b"raw", event_type, now_ms)
+    want = parser._validate_fully(dict(obj), b"raw", event_type, now_ms)
+    assert type(got) is type(want)
+    if isinstance(want, Event):
+        assert _fields(got) == _fields(want)
+    else:
+        assert (got.reason, got.detail) == (want.reason, want.detail)
+
+
+def test_a_type_that_is_not_a_string_is_an_unknown_type():
+    for kind in ([1], {"a": 1}, 3):
+        dead = EventParser().validate({**VALID[PURCHASE], "type": kind}, b"x")
+        assert isinstance(dead, DeadLetter) and dead.reason == "unknown_type", kind

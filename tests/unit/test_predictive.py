@@ -173,3 +173,61 @@ def test_partition_commits_carry_member_predictions_once_parameters_are_known(ev
     status = task.take_commit(with_statuses=True, clv_params=params).member_statuses["m1"]
     assert 0 < status["p_alive"] <= 1 and status["expected_purchases"] > 0
     assert status["expected_value"] > 0
+
+
+def test_statuses_made_from_committed_records_equal_those_of_the_batch(events):
+    """The worker defers a member's read-model status to the flush, from the state record its
+    commit wrote (with the commit's as-of bucket and CLV fit): the same status as the batch's."""
+    from stream_kpis.live.partition import InputRecord, PartitionTask, statuses_from_records
+    from stream_kpis.live.store import MemoryStore
+
+    types = {name: kind for kind, name in SETTINGS.topics.inputs().items()}
+    task = PartitionTask(SETTINGS, 0, MemoryStore(), types)
+    topic = SETTINGS.topics.purchases
+    body = b'{"event_id": "p%d", "member_id": "m%d", "ts": %d, "amount": 20.0}'
+    task.apply([InputRecord(topic, 0, i, b"m%d" % (i % 3), body % (i, i % 3, (10 + 9 * i) * DAY_MS))
+                for i in range(9)])
+    params = ((0.24, 4.4, 0.79, 2.4), (6.25, 3.74, 15.44))
+    commit = task.take_commit(with_statuses=True, clv_params=params)
+    assert sorted(commit.members) == ["m0", "m1", "m2"]
+    assert (commit.as_of, commit.clv_params) == (task.processor.K, params)
+    deferred = statuses_from_records(SETTINGS, commit.as_of, commit.clv_params,
+                                     list(commit.members.values()))
+    assert deferred == [commit.member_statuses[m] for m in commit.members]
+    assert all("p_alive" in status for status in deferred)
+
+
+def test_read_model_writes_deferred_statuses_as_direct_ones_once_per_member():
+    from stream_kpis.live.readmodel import ReadModel, _resolve
+
+    statuses = {"m1": {"status": "at_risk", "last_touch": 1_706_601_600_500, "points_balance": 3,
+                       "tier": "gold"},
+                "m2": {"status": "active", "last_touch": "2024-01-30T08:00:00Z"}}
+    calls = []
+
+    def statuses_of(snapshots):
+        calls.append(list(snapshots))
+        return [statuses[s] for s in snapshots]
+
+    deferred = ReadModel(lambda: None)
+    deferred.update_member_snapshots({"m1": "m1"}, statuses_of)
+    deferred.update_member_snapshots({"m1": "m1", "m2": "m2"}, statuses_of)  # coalesced
+    direct = ReadModel(lambda: None)
+    direct.update_members(statuses)
+    assert deferred.pending_members == 2
+    assert _resolve(deferred._pending_members) == _resolve(direct._pending_members)
+    assert calls == [["m1", "m2"]]
+    write = dict(_resolve(direct._pending_members))["m1"]
+    assert write.flat_fields == ["last_touch", "2024-01-30T08:00:00.500Z", "status", "at_risk",
+                                 "points_balance", "3", "tier", "gold"]
+    assert float(write.at_risk_score) == 1_706_601_600.5
+
+
+def test_read_model_bound_holds_for_deferred_statuses():
+    from stream_kpis.live.readmodel import ReadModel
+
+    model = ReadModel(lambda: None, max_pending_members=2)
+    model.update_member_snapshots({"a": 1, "b": 2, "c": 3}, lambda snapshots: [])
+    assert (model.pending_members, model.dropped_member_updates) == (2, 1)
+    model.update_member_snapshots({"a": 4}, lambda snapshots: [])  # pending: coalesces
+    assert (model.pending_members, model.dropped_member_updates) == (2, 1)

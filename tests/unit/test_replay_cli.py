@@ -375,3 +375,63 @@ def test_replay_needs_input(tmp_path, capsys):
         main(["replay"])
     assert exit_info.value.code == 2
     assert "at least one FILE" in capsys.readouterr().err
+
+
+def test_batches_change_no_replay_output(tmp_path, monkeypatch):
+    """A replay hands the core batches of events; the final records, the --every series, the
+    counts and every signal are what one event at a time gives (generated data: late and
+    duplicate events, points validity, surveys with comments)."""
+    from stream_kpis import replay as replay_module
+    from stream_kpis.core import Processor
+    from stream_kpis.generate import GeneratorConfig, write_jsonl
+    from stream_kpis.settings import Settings
+
+    path = tmp_path / "events.jsonl"
+    write_jsonl(GeneratorConfig(members=400, days=40), path)
+    settings = Settings(points_validity_ms=20 * 86_400_000, points_expiring_notice_ms=5 * 86_400_000)
+
+    def run():
+        signals: list = []
+        result = replay_module.replay([replay_module.source_for_path(path)], settings,
+                                      every_ms=3 * 86_400_000, on_signal=signals.append)
+        return result, signals
+
+    monkeypatch.setattr(replay_module, "BATCH_EVENTS", 97)  # batches end mid-bucket too
+    batched, batched_signals = run()
+    monkeypatch.setattr(Processor, "process_batch",
+                        lambda self, events: [self.process(event) for event in events])
+    one_by_one, signals = run()
+    assert batched.applied > 1000 and batched.duplicates and signals  # the data exercises it
+    assert batched_signals == signals
+    assert batched.series == one_by_one.series
+    assert batched.records == one_by_one.records
+    assert (batched.applied, batched.duplicates, batched.dead_letters, batched.signals) == \
+        (one_by_one.applied, one_by_one.duplicates, one_by_one.dead_letters, one_by_one.signals)
+
+
+def test_csv_rows_are_what_csv_dictreader_reads(tmp_path):
+    """read_csv_rows reads cells by index; its rows (the dead letters' original values) and
+    line numbers are csv.DictReader's: blank lines skipped, short rows padded with nulls,
+    cells beyond the header kept under _extra_cells, a repeated column name's last cell."""
+    import csv
+    import io
+
+    from stream_kpis.replay import Source, read_csv_rows
+
+    text = ('id,card,day,card\r\n"a, quoted",C1,20240101,C9\r\n\r\ns2,C2\r\n'
+            's3,C3,20240103,C4,extra,more\r\n"multi\nline",  ,20240104,\r\n')
+    source = Source(path=tmp_path / "x.csv", format="csv", type="enrollment",
+                    ts_format="%Y%m%d", columns={"event_id": "id", "member_id": "card", "ts": "day"})
+    rows = list(read_csv_rows(source, io.StringIO(text, newline="")))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    expected = []
+    for row in reader:
+        extra = row.pop(None, None)
+        expected.append((reader.line_num, row if extra is None else {**row, "_extra_cells": extra}))
+    assert [(row.line, orjson.loads(row.raw)) for row in rows] == expected
+    assert [row.error[0] if row.error else row.fields for row in rows] == [
+        {"event_id": "a, quoted", "member_id": "C9", "ts": 1_704_067_200_000},
+        {"event_id": "s2"},  # no card, no day: the parser names what is missing
+        "bad_value",
+        {"event_id": "multi\nline", "ts": 1_704_326_400_000},
+    ]

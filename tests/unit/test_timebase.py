@@ -154,3 +154,17 @@ def test_as_of_time_is_the_end_of_bucket_k():
     assert as_of_time(473_352, HOUR_MS) == "2024-01-01T01:00:00Z"
     # daily bucket of 2024-01-30 (19_723 + 29) ends at 2024-01-31T00:00Z (the SPEC example)
     assert as_of_time(19_752, DAY_MS) == "2024-01-31T00:00:00Z"
+
+
+def test_format_rfc3339_agrees_with_datetime_isoformat():
+    """The arithmetic formatter against datetime's own ISO formatting, over 1970-2100."""
+    import random
+    from datetime import UTC, datetime
+
+    rng = random.Random(7)
+    stamps = [rng.randrange(-DAY_MS, 4_102_444_800_000) for _ in range(20_000)]
+    stamps += [s - s % 1000 for s in stamps[:2000]]  # whole seconds: no fraction
+    for ms in stamps:
+        moment = datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
+        expected = moment.isoformat(timespec="milliseconds" if ms % 1000 else "seconds")
+        assert format_rfc3339(ms) == expected.replace("+00:00", "Z"), ms
