@@ -27,6 +27,7 @@ __all__ = [
     "MemberView",
     "member_view",
     "evaluate",
+    "evaluate_with_churn",
     "churn_snapshot",
     "churn_snapshots",
     "KPI_TOPICS",
@@ -443,33 +444,48 @@ class _Ranges:
     """Range sums over a bucket histogram as of K, where buckets after K count as K.
 
     Expiry buckets of point lots are not event times and are not clamped (``clamp=False``).
+    An evaluation asks each histogram for a handful of ranges, so a histogram of integers (every
+    count, points) sums the slice of its sorted values that a range covers: exact, and cheaper
+    than building prefix sums of its whole history. A histogram holding floats (amounts,
+    margins) answers from prefix sums, the difference of two left-to-right sums as always, so
+    that no reported value changes by a rounding.
     """
 
-    __slots__ = ("keys", "prefix", "K")
+    __slots__ = ("keys", "values", "prefix", "K")
 
     def __init__(self, hist: Mapping[int, float], K: int, clamp: bool = True) -> None:
         keys = sorted(hist)
-        values = [hist[key] for key in keys]
+        values = list(map(hist.__getitem__, keys))
         if clamp:
             cut = bisect_left(keys, K)
             if cut < len(keys):  # buckets at or after K all count as K
                 keys[cut:] = [K]
                 values[cut:] = [sum(values[cut:])]
         self.keys = keys
-        self.prefix = [0, *accumulate(values)]
         self.K = K
+        if type(sum(values)) is int:  # no float among the values
+            self.values, self.prefix = values, None
+        else:
+            self.values, self.prefix = None, [0, *accumulate(values)]
 
     def between(self, lo: int, hi: int) -> float:
         """Sum over clamped buckets in [lo, hi]."""
         if hi < lo:
             return 0
-        return self.prefix[bisect_right(self.keys, hi)] - self.prefix[bisect_left(self.keys, lo)]
+        start, stop = bisect_left(self.keys, lo), bisect_right(self.keys, hi)
+        if self.prefix is None:
+            return sum(self.values[start:stop])
+        return self.prefix[stop] - self.prefix[start]
 
     def upto(self, hi: int) -> float:
-        return self.prefix[bisect_right(self.keys, hi)]
+        stop = bisect_right(self.keys, hi)
+        return sum(self.values[:stop]) if self.prefix is None else self.prefix[stop]
 
     def since(self, lo: int) -> float:
-        return self.prefix[-1] - self.prefix[bisect_left(self.keys, lo)]
+        start = bisect_left(self.keys, lo)
+        if self.prefix is None:
+            return sum(self.values[start:])
+        return self.prefix[-1] - self.prefix[start]
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
@@ -502,12 +518,16 @@ def churn_snapshots(aggs: Aggregates, Ks: Iterable[int], windows: Iterable[int],
     touch = _Ranges(aggs.hists[LAST_TOUCH], 0, clamp=False)
     enrolled = _Ranges(aggs.hists[ENROLLED], 0, clamp=False)
     windows = [w for w in windows if w <= horizon]
-    out = {}
-    for K in Ks:
-        out[K] = {w: (touch.between(K - w - horizon + 1, K - horizon),
-                      touch.since(K - w - horizon + 1) - enrolled.since(K - w + 1))
-                  for w in windows}
-    return out
+    return {K: _churn_pairs(touch, enrolled, K, windows, horizon) for K in Ks}
+
+
+def _churn_pairs(touch: _Ranges, enrolled: _Ranges, K: int, windows: Iterable[int], horizon: int
+                 ) -> dict[int, tuple[int, int]]:
+    """The churn formula's (numerator, denominator) per window w <= h, from the range sums of
+    the last_touch and enrolled_at histograms."""
+    return {w: (touch.between(K - w - horizon + 1, K - horizon),
+                touch.since(K - w - horizon + 1) - enrolled.since(K - w + 1))
+            for w in windows if w <= horizon}
 
 
 class MentionMatcher:
@@ -563,9 +583,20 @@ def evaluate(aggs: Aggregates, K: int, *, bucket_ms: int, windows: Mapping[int, 
     ``churn_history`` maps an earlier as-of bucket to its :func:`churn_snapshot`, for
     churn_reduction; missing entries give null.
     """
+    return evaluate_with_churn(aggs, K, bucket_ms=bucket_ms, windows=windows, horizon=horizon,
+                               settle=settle, points_validity=points_validity,
+                               mention_keys=mention_keys, churn_history=churn_history)[0]
+
+
+def evaluate_with_churn(aggs: Aggregates, K: int, *, bucket_ms: int, windows: Mapping[int, str],
+                        horizon: int, settle: int, points_validity: bool = False,
+                        mention_keys: Iterable[str] = (),
+                        churn_history: Mapping[int, Mapping[int, tuple[int, int]]] | None = None
+                        ) -> tuple[list[dict[str, Any]], dict[int, tuple[int, int]]]:
+    """:func:`evaluate`, and K's :func:`churn_snapshot` (read from the same range sums)."""
     evaluation = _Evaluation(aggs, K, as_of_time(K, bucket_ms))
     evaluation.as_of_kpis(horizon, settle, points_validity)
-    now_churn = churn_snapshot(aggs, K, windows, horizon)
+    now_churn = evaluation.churn_snapshot(windows, horizon)
     mention_keys = tuple(mention_keys)
     for w, label in windows.items():
         active = evaluation.membership(w, label)
@@ -575,26 +606,31 @@ def evaluate(aggs: Aggregates, K: int, *, bucket_ms: int, windows: Mapping[int, 
             evaluation.churn(label, now_churn[w], past)
         evaluation.spend(w, label)
         evaluation.satisfaction(w, label, mention_keys)
-    return evaluation.out.items
+    return evaluation.out.items, now_churn
+
+
+#: Sums keyed by the expiry bucket of point lots: those lie in the future of K, not clamped.
+_UNCLAMPED_SUMS = frozenset(name for name in SUM_NAMES if name.startswith("lot_"))
 
 
 class _LazyRanges:
-    """:class:`_Ranges` of each histogram, built the first time it is asked for (a segment's
-    evaluation reads only some of them). Expiry buckets of point lots lie in the future of K:
-    not clamped."""
+    """:class:`_Ranges` of each histogram of a mapping, built once per evaluation and only when
+    first asked for (a segment's evaluation reads only some of them)."""
 
-    __slots__ = ("hists", "K", "built")
+    __slots__ = ("hists", "K", "unclamped", "built")
 
-    def __init__(self, hists: Mapping[Any, Mapping[int, float]], K: int) -> None:
+    def __init__(self, hists: Mapping[Any, Mapping[int, float]], K: int,
+                 unclamped: frozenset = frozenset()) -> None:
         self.hists = hists
         self.K = K
+        self.unclamped = unclamped
         self.built: dict[Any, _Ranges] = {}
 
     def __getitem__(self, name: Any) -> _Ranges:
         ranges = self.built.get(name)
         if ranges is None:
-            clamp = not (isinstance(name, str) and name.startswith("lot_"))
-            ranges = self.built[name] = _Ranges(self.hists[name], self.K, clamp=clamp)
+            ranges = self.built[name] = _Ranges(self.hists[name], self.K,
+                                                clamp=name not in self.unclamped)
         return ranges
 
 
@@ -609,7 +645,9 @@ class _Evaluation:
         self.K = K
         self.out = _Records(as_of)
         self.hist = _LazyRanges(dict(enumerate(aggs.hists)), K)
-        self.sums = _LazyRanges(aggs.sums, K)
+        self.sums = _LazyRanges(aggs.sums, K, _UNCLAMPED_SUMS)
+        self.channels = _LazyRanges(aggs.by_channel, K)
+        self.mentions = _LazyRanges(aggs.mentions, K)
         self.members = aggs.totals["members"]
 
     def in_window(self, name: str, w: int) -> float:
@@ -633,6 +671,12 @@ class _Evaluation:
             out.add("points_liability", None, totals["points_balance"])
         out.ratio("breakage_rate", None, remaining.upto(K), lot_points.upto(K))
 
+    def churn_snapshot(self, windows: Iterable[int], horizon: int) -> dict[int, tuple[int, int]]:
+        """:func:`churn_snapshot` as of K from this evaluation's (clamped) range sums: every range
+        of the churn formula ends before K or runs to the end, and counts are integers, so
+        clamping changes no value."""
+        return _churn_pairs(self.hist[LAST_TOUCH], self.hist[ENROLLED], self.K, windows, horizon)
+
     def membership(self, w: int, label: str) -> float:
         """active_members, active_rate, new_members, member_growth_rate, enrollment_rate;
         returns active_members."""
@@ -645,7 +689,7 @@ class _Evaluation:
         for channel, channel_hist in sorted(self.aggs.by_channel.items()):
             if not channel_hist:
                 continue  # no member has this channel any more
-            count = _Ranges(channel_hist, K).since(lo)
+            count = self.channels[channel].since(lo)
             new_total += count
             out.add("new_members", label, count, labels={"channel": channel})
         base = self.hist[ENROLLED].upto(K - w)
@@ -711,7 +755,7 @@ class _Evaluation:
         for key in mention_keys:
             lexicon, term = key.split("\t", 1)
             mentions = self.aggs.mentions.get(key)
-            count = _Ranges(mentions, self.K).since(self.K - w + 1) if mentions else 0
+            count = self.mentions[key].since(self.K - w + 1) if mentions else 0
             out.add("feedback_mentions", label, count, labels={"lexicon": lexicon, "term": term})
 
 

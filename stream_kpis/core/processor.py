@@ -19,10 +19,10 @@ from .kpis import (
     LAST_TOUCH,
     Aggregates,
     MentionMatcher,
-    churn_snapshot,
     churn_snapshots,
     cohort_records,
     evaluate,
+    evaluate_with_churn,
     history_reach,
     member_contribution,
     member_value,
@@ -584,14 +584,15 @@ def evaluate_kpis(settings: Settings, aggs: Aggregates, K: int,
     """All KPI records as of K for these settings; records K's churn snapshot in the history.
     With CLV on, ``clv_model`` (a :class:`~stream_kpis.core.predictive.ClvModel`) gives the
     SPEC 4.4 records and keeps its fit between evaluations."""
-    if churn_history is not None:
-        churn_history[K] = churn_snapshot(aggs, K, settings.windows, settings.churn_horizon)
     matcher_keys = [f"{lexicon}\t{term}" for lexicon, terms in settings.lexicons.items()
                     for term in terms]
     options = {"bucket_ms": settings.bucket_ms, "windows": settings.window_labels,
                "horizon": settings.churn_horizon, "settle": settings.settle,
                "points_validity": settings.points_validity_ms is not None}
-    records = evaluate(aggs, K, mention_keys=matcher_keys, churn_history=churn_history, **options)
+    records, now_churn = evaluate_with_churn(aggs, K, mention_keys=matcher_keys,
+                                             churn_history=churn_history, **options)
+    if churn_history is not None:
+        churn_history[K] = now_churn
     records += _segment_records(settings, aggs, K, options)
     records += cohort_records(aggs, K, settings.bucket_ms, settings.cohorts, settings.cohort_ages)
     if settings.clv and clv_model is not None:
