@@ -122,12 +122,24 @@ def history_reach(windows: Iterable[int], horizon: int, settle: int) -> int:
     return max([*windows, *churn, horizon, settle])
 
 
+#: One int object per bucket number, shared by every histogram that has the bucket as a key:
+#: with segments, a bucket is a key of dozens of histograms, and a separate 32-byte int per
+#: entry is a third of the aggregates' memory. Grows by one entry per bucket of event time.
+_BUCKET_KEYS: dict[int, int] = {}
+shared_key = _BUCKET_KEYS.setdefault  # shared_key(bucket, bucket): the shared int
+
+
 def _add(hist: dict, key: Any, amount: float) -> None:
-    value = hist.get(key, 0) + amount
+    value = hist.get(key)
+    if value is None:
+        if amount:
+            hist[shared_key(key, key)] = amount
+        return
+    value += amount
     if value:
         hist[key] = value
     else:
-        hist.pop(key, None)
+        del hist[key]
 
 
 class Aggregates:
@@ -185,7 +197,11 @@ class Aggregates:
                 if after is not None:
                     if after < floor:
                         after = floor
-                    hist[after] = hist.get(after, 0) + 1
+                    count = hist.get(after)
+                    if count is None:
+                        hist[shared_key(after, after)] = 1
+                    else:
+                        hist[after] = count + 1
         if old[0] != new[0] or old[8] != new[8]:
             before, after = old[0], new[0]
             if before is not None and before < floor:
@@ -212,18 +228,15 @@ class Aggregates:
         return segment
 
     def add_contribution(self, contribution: Contribution, sign: int) -> None:
-        """Add (sign=1) or remove (sign=-1) a whole member: histograms, totals, lots."""
+        """Add (sign=1) or remove (sign=-1) a whole member of a member-dimension segment: the
+        histograms, totals and lots its KPIs read (SPEC 4.2; not the enrollment channel and
+        tier breakdowns, which no segment reports)."""
         view, spend, balance, purchaser, unbacked, lots = contribution
         hists, floor = self.hists, self.floor
         for i in range(_MEMBER_HISTS):
             bucket = view[i]
             if bucket is not None:
                 _add(hists[i], bucket if bucket > floor else floor, sign)
-        enrolled = view[0]
-        if enrolled is not None and enrolled < floor:
-            enrolled = floor
-        _add(self.by_channel.setdefault(view[8], {}), enrolled, sign)
-        _add(self.tiers, view[9], sign)
         totals = self.totals
         totals["members"] += sign
         totals["lifetime_spend"] += sign * spend
@@ -232,6 +245,27 @@ class Aggregates:
         totals["unbacked"] += sign * unbacked
         if lots:
             self.add_lots(lots, sign)
+
+    def replace_contribution(self, old: Contribution, new: Contribution) -> None:
+        """``add_contribution(old, -1)`` then ``add_contribution(new, 1)``, touching only what
+        differs."""
+        old_view, new_view = old[0], new[0]
+        hists, floor = self.hists, self.floor
+        for i in range(_MEMBER_HISTS):
+            before, after = old_view[i], new_view[i]
+            if before != after:
+                if before is not None:
+                    _add(hists[i], before if before > floor else floor, -1)
+                if after is not None:
+                    _add(hists[i], after if after > floor else floor, 1)
+        totals = self.totals
+        totals["lifetime_spend"] += new[1] - old[1]
+        totals["points_balance"] += new[2] - old[2]
+        totals["purchasers"] += new[3] - old[3]
+        totals["unbacked"] += new[4] - old[4]
+        if old[5] != new[5]:
+            self.add_lots(old[5], -1)
+            self.add_lots(new[5], 1)
 
     def add_cohort(self, cohort: int, months: Iterable[int], sign: int) -> None:
         """Add or remove a member of ``cohort`` (raw enrollment month) with these activity

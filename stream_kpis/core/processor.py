@@ -28,6 +28,7 @@ from .kpis import (
     member_value,
     member_view,
     month_of,
+    shared_key,
 )
 from .member import ACTIVE, AT_RISK, CHURNED, UNKNOWN, MemberState
 from .timebase import format_rfc3339
@@ -323,11 +324,18 @@ class Processor:
         """Take the member out of the segments it was in, and into those it is in now: a tier
         change moves the member and all their history."""
         aggs = self.aggs
-        if before is not None:
-            for dimension, value in zip(self.member_dims, before[1], strict=True):
-                aggs.segment(dimension, value).add_contribution(before[0], -1)
-        for dimension, value in zip(self.member_dims, after[1], strict=True):
-            aggs.segment(dimension, value).add_contribution(after[0], 1)
+        if before is None:
+            for dimension, value in zip(self.member_dims, after[1], strict=True):
+                aggs.segment(dimension, value).add_contribution(after[0], 1)
+            return
+        if before[0] == after[0] and before[1] == after[1]:
+            return
+        for dimension, old, new in zip(self.member_dims, before[1], after[1], strict=True):
+            if old == new:  # the usual case: only what the event changed moves
+                aggs.segment(dimension, new).replace_contribution(before[0], after[0])
+            else:
+                aggs.segment(dimension, old).add_contribution(before[0], -1)
+                aggs.segment(dimension, new).add_contribution(after[0], 1)
 
     def _cohort_of(self, state: MemberState) -> tuple[int, tuple[int, ...]]:
         return month_of(state.enrolled_at), tuple(state.months or ())
@@ -403,6 +411,7 @@ class Processor:
         order_segments = self._order_segments(event) if self.order_dims and kind == PURCHASE else ()
         if bucket <= self.aggs.floor or kind == ENROLLMENT:
             return  # no window reaches back there any more; an enrollment has no event sums
+        bucket = shared_key(bucket, bucket)
         if self.track_changes:
             self.changed_buckets.add(bucket)
         sums = self.aggs.sums
