@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = ["LocalStore", "MemoryStore", "RocksStore", "open_store"]
 
@@ -67,9 +67,26 @@ class MemoryStore:
         pass
 
 
+#: RocksDB keeps recent writes in memtables until it flushes them; left at its defaults that is
+#: up to 128 MiB per database, i.e. per owned partition. One budget for every store of the
+#: process bounds it whatever the number of partitions (a flush is cheap: the state is small).
+MEMTABLE_BUDGET_BYTES = 64 << 20
+MEMTABLE_BYTES = 16 << 20  # one store's memtable before it is flushed
+_write_buffers: Any = None
+
+
+def _shared_write_buffers() -> Any:
+    global _write_buffers
+    if _write_buffers is None:
+        from rocksdict import WriteBufferManager
+
+        _write_buffers = WriteBufferManager(MEMTABLE_BUDGET_BYTES, False)
+    return _write_buffers
+
+
 class RocksStore:
     """One RocksDB database (rocksdict) per partition; the offset is a key written atomically
-    with the records it covers."""
+    with the records it covers. Their memtables share one budget (MEMTABLE_BUDGET_BYTES)."""
 
     def __init__(self, path: Path) -> None:
         from rocksdict import Options, Rdict, WriteBatch
@@ -78,6 +95,8 @@ class RocksStore:
         path.mkdir(parents=True, exist_ok=True)
         options = Options(raw_mode=True)
         options.create_if_missing(True)
+        options.set_write_buffer_size(MEMTABLE_BYTES)
+        options.set_write_buffer_manager(_shared_write_buffers())
         self.db = Rdict(str(path), options=options)
         raw = self.db.get(_OFFSET_KEY)
         self.offset = int(raw) if raw is not None else 0
