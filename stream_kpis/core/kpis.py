@@ -324,6 +324,12 @@ class Aggregates:
             _fold(hist, old, floor)
         for hist in event_hists:
             dropped.update(_drop(hist, old, floor))
+        # a histogram is a sliding window of buckets (new ones in, folded ones out), and a dict
+        # that lost keys keeps its table at up to 3x the entries it holds: copies are compact
+        self.hists = [dict(hist) for hist in self.hists]
+        self.by_channel = {channel: dict(hist) for channel, hist in self.by_channel.items()}
+        self.sums = {name: dict(hist) for name, hist in self.sums.items()}
+        self.mentions = {key: dict(hist) for key, hist in self.mentions.items()}
         for segment in self.segments.values():
             dropped |= segment.collapse(floor)
         self.floor = floor
