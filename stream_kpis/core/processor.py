@@ -214,7 +214,7 @@ class Processor:
                         expiry_index.setdefault(expiry, set()).add(member_id)
                 event_sums(event, True)
                 if cohorts:
-                    self._move_cohort_from(state, event, old_view is None, old_enrolled, old_max)
+                    self._move_cohort(state, event, old_view is None, old_enrolled, old_max)
                 old_touch = None if old_view is None else old_view[LAST_TOUCH]
                 touch = new_view[LAST_TOUCH]
                 if touch != old_touch:
@@ -269,7 +269,11 @@ class Processor:
             old_view = member_view(state, self.bucket_ms)
         aggs = self.aggs
         segments_before = self._segments_of(state) if self.member_dims and old_view else None
-        cohort_before = self._cohort_of(state) if self.cohorts and old_view else None
+        if self.cohorts and old_view:
+            old_enrolled = state.enrolled_at
+            old_max = state.months[-1] if state.months else None
+        else:
+            old_enrolled = old_max = None
         had_purchase = state.purchase_count > 0
         points_event = validity is not None and (event.type == REDEMPTION or event.points)
         if points_event:
@@ -294,7 +298,7 @@ class Processor:
                 self.expiry_index.setdefault(expiry, set()).add(member_id)
         self._event_sums(event, True)
         if self.cohorts:
-            self._move_cohort(state, event, cohort_before)
+            self._move_cohort(state, event, old_view is None, old_enrolled, old_max)
         if self.clv_model is not None and event.type == PURCHASE:
             self._move_clv(state, event)
         if self.member_dims:
@@ -340,26 +344,10 @@ class Processor:
     def _cohort_of(self, state: MemberState) -> tuple[int, tuple[int, ...]]:
         return month_of(state.enrolled_at), tuple(state.months or ())
 
-    def _move_cohort(self, state: MemberState, event: Event, before: tuple | None) -> None:
-        new_month = None
-        if event.type == PURCHASE or event.type == REDEMPTION:
-            month = month_of(event.ts // self.bucket_ms * self.bucket_ms)  # the bucket's month
-            if state.add_month(month):
-                new_month = month
-        cohort, months = self._cohort_of(state)
-        aggs = self.aggs
-        if before is None:
-            aggs.add_cohort(cohort, months, 1)
-        elif before[0] != cohort:
-            aggs.add_cohort(before[0], before[1], -1)
-            aggs.add_cohort(cohort, months, 1)
-        elif new_month is not None:
-            aggs.add_cohort_month(cohort, new_month, before[1][-1] if before[1] else None)
-
-    def _move_cohort_from(self, state: MemberState, event: Event, new_member: bool,
-                          old_enrolled: int | None, old_max: int | None) -> None:
-        """:meth:`_move_cohort` after ``event`` was applied, from what the member's cohort was
-        made of before it (enrolled_at, latest activity month) instead of the whole tuple."""
+    def _move_cohort(self, state: MemberState, event: Event, new_member: bool,
+                     old_enrolled: int | None, old_max: int | None) -> None:
+        """Move the member in the cohort counts after ``event`` was applied, from what its
+        cohort was made of before it: enrolled_at and the latest activity month."""
         new_month = None
         if event.type == PURCHASE or event.type == REDEMPTION:
             month = month_of(event.ts // self.bucket_ms * self.bucket_ms)  # the bucket's month
