@@ -1,8 +1,9 @@
 """stream-kpis benchmarks: throughput against the limit and against a plain Faust app, latency,
-memory, recovery and replay, measured in one run on one broker and printed as one table.
+memory, recovery, replay, CLV and segments, measured in one run on one broker and printed as one
+table.
 
-    python benchmarks/run.py [--quick] [--only limit,worker,plain_faust,latency,memory,recovery,replay]
-                             [--profile]
+    python benchmarks/run.py [--quick] [--profile]
+        [--only limit,worker,stages,plain_faust,latency,memory,recovery,replay,clv,segments]
 
 Machines are shared and noisy: every number in the table is measured in the same run, on the same
 local broker (127.0.0.1 only) and the same data, and the ``ratio`` column compares it with the
@@ -63,7 +64,7 @@ from stream_kpis.replay import source_for_path  # noqa: E402
 from stream_kpis.settings import Settings, load_settings  # noqa: E402
 
 BENCHES = ("limit", "worker", "stages", "plain_faust", "latency", "memory", "recovery", "replay",
-           "clv")
+           "clv", "segments")
 #: A bench whose ratios or state need another one.
 NEEDS = {"worker": ("limit",), "stages": ("limit", "worker"), "plain_faust": ("limit",),
          "recovery": ("memory",)}
@@ -92,6 +93,7 @@ class Sizes:
     replay_members: int
     replay_repeat: int
     clv_members: tuple[int, ...] = (100_000, 1_000_000)
+    segments_members: int = 1_000_000
 
 
 FULL = Sizes(events=300_000, limit_repeat=3, worker_timeout=300, plain_seconds=60,
@@ -101,7 +103,8 @@ FULL = Sizes(events=300_000, limit_repeat=3, worker_timeout=300, plain_seconds=6
 QUICK = Sizes(events=20_000, limit_repeat=1, worker_timeout=120, plain_seconds=20,
               latency_rates=(1_000,), latency_seconds=6, latency_warmup=2, bucket_wall_s=0.5,
               memory_steps=(5_000, 20_000), memory_timeout=120,
-              replay_members=3_000, replay_repeat=1, clv_members=(10_000,))
+              replay_members=3_000, replay_repeat=1, clv_members=(10_000,),
+              segments_members=20_000)
 
 #: Goals of the open issues (11: exact state layer, 12: a faster core), evaluated at the end:
 #: (name, text).
@@ -872,6 +875,34 @@ def bench_clv(run: Run) -> None:
         run.facts.setdefault("clv", {})[members] = result["fit_s"]
 
 
+def bench_segments(run: Run) -> None:
+    """Issue 14 at scale: all five segment dimensions, 50 stores and 3 tiers, in the core
+    (benchmarks/segments.py, in its own process): the published partial of a partition and the
+    time an emission takes to merge the partials and evaluate every KPI, against the default
+    10 s emit interval. ``segments.py --live --compare`` measures one worker (not run here)."""
+    members = run.sizes.segments_members
+    child = subprocess.run([PYTHON, str(REPO / "benchmarks" / "segments.py"), "--members",
+                            str(members), "--segments", "all", "--raw"],
+                           capture_output=True, text=True, timeout=1200, cwd=REPO)
+    if child.returncode != 0:
+        raise RuntimeError(f"segments.py failed:\n{child.stderr[-2000:]}")
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    label = f"{members:,} members, all five dimensions"
+    emission_s = (result["merge_ms"] + result["evaluate_ms"]) / 1000
+    run.add(Row("segments", f"core ingest, 8 partitions in one process ({label})",
+                result["events_per_s"], "events/s", "", None, f"{result['events']:,} events"),
+            Row("segments", "published partial of one partition (zlib), largest",
+                result["published_max_kib"], "KiB", "", None,
+                f"{result['partial_max_kib']:,.0f} KiB before zlib; made in "
+                f"{result['encode_ms']:,.0f} ms"),
+            Row("segments", "emission: decode and merge the 8 partials + evaluate every KPI",
+                emission_s, "s", "emit_interval 10 s", emission_s / 10,
+                f"merge {result['merge_ms']:,.0f} ms, evaluate {result['evaluate_ms']:,.0f} ms, "
+                f"{result['records']:,} records ({result['segment_records']:,} segment)"),
+            Row("segments", "core process RSS after ingest / peak (member states in dicts)",
+                result["rss_mib"], "MiB", "", None, f"peak {result['maxrss_mib']:,.0f} MiB"))
+
+
 # ---- goals and output ----------------------------------------------------------------------------
 
 def evaluate_goals(run: Run) -> None:
@@ -968,7 +999,7 @@ BENCH_FUNCS: dict[str, Callable[[Run], None]] = {
     "limit": bench_limit, "worker": bench_worker, "stages": bench_stages,
     "plain_faust": bench_plain_faust,
     "latency": bench_latency, "memory": bench_memory, "recovery": bench_recovery,
-    "replay": bench_replay, "clv": bench_clv,
+    "replay": bench_replay, "clv": bench_clv, "segments": bench_segments,
 }
 
 
