@@ -251,7 +251,10 @@ _LIVE: list[Process] = []
 
 
 class Process:
-    """A child process in its own session, logging to a file; stopped by its own pid."""
+    """A child process in its own session, logging to a file; stopped by its own pid with
+    ``stop_signal`` (then SIGKILL after the timeout)."""
+
+    stop_signal = signal.SIGTERM
 
     def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
@@ -270,7 +273,7 @@ class Process:
 
     def stop(self, timeout: float = 30) -> int | None:
         if self.alive():
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.killpg(self.process.pid, self.stop_signal)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

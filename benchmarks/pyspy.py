@@ -17,10 +17,11 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+
+from common import Process  # benchmarks/ is not a package
 
 __all__ = ["Recorder", "available", "summarize"]
 
@@ -41,28 +42,22 @@ def available() -> bool:
     return executable() is not None
 
 
-class Recorder:
-    """``py-spy record`` of one process until :meth:`stop` (or ``seconds``)."""
+class Recorder(Process):
+    """``py-spy record`` of one process until :meth:`stop` (or ``seconds``); py-spy writes
+    its file when interrupted (SIGINT)."""
+
+    stop_signal = signal.SIGINT
 
     def __init__(self, pid: int, output: Path, seconds: float = 60, rate: int = 100) -> None:
         self.output = output
-        self.log = open(output.with_suffix(".log"), "wb")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            [executable() or "py-spy", "record", "--pid", str(pid), "--rate", str(rate),
-             "--duration", str(int(seconds)), "--idle", "--threads", "--function",
-             "--format", "raw", "--output", str(output)],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        super().__init__([executable() or "py-spy", "record", "--pid", str(pid), "--rate",
+                          str(rate), "--duration", str(int(seconds)), "--idle", "--threads",
+                          "--function", "--format", "raw", "--output", str(output)],
+                         dict(os.environ), output.with_suffix(".log"))
 
-    def stop(self, timeout: float = 30) -> bool:
+    def stop(self, timeout: float = 30) -> bool:  # type: ignore[override]
         """Stop sampling and wait for the file; True when it was written."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-        self.log.close()
+        super().stop(timeout)
         return self.output.exists() and self.output.stat().st_size > 0
 
 
