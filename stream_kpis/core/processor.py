@@ -127,114 +127,12 @@ class Processor:
         return self._apply_member_event(event)
 
     def process_batch(self, events: Iterable[Event]) -> None:
-        """Apply events in order: the same members, aggregates, counts and signals as
-        :meth:`process` on each in turn, so how a stream is cut into batches changes nothing.
-
-        One loop with the per-event bookkeeping of :meth:`process` written in line (the clock,
-        de-duplication, totals, cohorts, the status check), calling the same aggregate updates.
-        Segments, CLV and change tracking (the live worker) go event by event through
-        :meth:`process`.
-        """
-        if self.member_dims or self.clv_model is not None or self.track_changes:
-            for event in events:
-                self.process(event)
-            return
-        members, aggs, totals = self.members, self.aggs, self.aggs.totals
-        bucket_ms, validity = self.bucket_ms, self.validity_ms
-        event_clock = self.settings.clock == "event"
-        bound, guest_bound = self.settings.dedupe_per_member, self.settings.guest_dedupe
-        at_risk = self.settings.at_risk
-        seen_guest = self.seen_without_member
-        event_sums, move_member, touch_index = self._event_sums, aggs.move_member, self.touch_index
-        cohorts = self.cohorts
-        max_ts, K = self.max_ts, self.K
-        applied = duplicates = count = 0
-        try:
-            for event in events:
-                count += 1
-                ts = event.ts
-                if max_ts is None or ts > max_ts:
-                    self.max_ts = max_ts = ts
-                    if event_clock and (K is None or ts // bucket_ms > K):
-                        self.advance(ts // bucket_ms)
-                        K = self.K
-                kind = event.type
-                member_id = event.member_id
-                if member_id is None or kind == SURVEY:
-                    key = f"{kind[0]}|{member_id or ''}|{event.event_id}"  # seen_key
-                    if key in seen_guest:
-                        duplicates += 1
-                        continue
-                    seen_guest[key] = None
-                    if len(seen_guest) > guest_bound:
-                        del seen_guest[next(iter(seen_guest))]
-                    event_sums(event, member_id is not None)
-                    applied += 1
-                    continue
-                state = members.get(member_id)
-                key = kind[0] + event.event_id
-                if state is None:
-                    state = MemberState()
-                    old_view = None
-                    state.seen(key, bound)
-                    old_enrolled = old_max = None
-                else:
-                    recent = state.recent
-                    if key in recent:
-                        duplicates += 1
-                        continue
-                    recent[key] = None
-                    if len(recent) > bound:
-                        del recent[next(iter(recent))]
-                    old_view = member_view(state, bucket_ms)
-                    old_enrolled = state.enrolled_at
-                    old_max = state.months[-1] if state.months else None
-                purchase = kind == PURCHASE
-                had_purchase = state.purchase_count > 0
-                points_event = validity is not None and (kind == REDEMPTION or event.points)
-                if points_event:
-                    aggs.add_lots(state.lot_contributions(validity, bucket_ms), -1)
-                    old_unbacked = state.unbacked
-                state.apply(event, validity)
-                new_view = member_view(state, bucket_ms)
-                move_member(old_view, new_view)
-                if purchase:
-                    totals["lifetime_spend"] += event.amount
-                    totals["points_balance"] += event.points
-                    if not had_purchase:
-                        totals["purchasers"] += 1
-                elif kind == REDEMPTION:
-                    totals["points_balance"] -= event.points
-                if points_event:
-                    contributions = state.lot_contributions(validity, bucket_ms)
-                    aggs.add_lots(contributions, 1)
-                    totals["unbacked"] += state.unbacked - old_unbacked
-                    expiry_index = self.expiry_index
-                    for expiry, _, _ in contributions:
-                        expiry_index.setdefault(expiry, set()).add(member_id)
-                event_sums(event, True)
-                if cohorts:
-                    self._move_cohort(state, event, old_view is None, old_enrolled, old_max)
-                old_touch = None if old_view is None else old_view[LAST_TOUCH]
-                touch = new_view[LAST_TOUCH]
-                if touch != old_touch:
-                    if old_touch is not None:
-                        touch_index[old_touch].discard(member_id)
-                    members_at = touch_index.get(touch)
-                    if members_at is None:
-                        touch_index[touch] = {member_id}
-                    else:
-                        members_at.add(member_id)
-                    if state.status != ACTIVE or K is None or touch <= K - at_risk:
-                        self._update_status(member_id, state)
-                if points_event and K is not None:
-                    self._expiry_notices(member_id, state, K)
-                members[member_id] = state
-                applied += 1
-        finally:
-            self.version += count
-            self.applied += applied
-            self.duplicates += duplicates
+        """Apply events in order, each as :meth:`process` does, so how a stream is cut into
+        batches changes nothing; replay hands the core batches (cut where ``--every``
+        evaluates)."""
+        process = self.process
+        for event in events:
+            process(event)
 
     def _seen_without_member(self, event: Event) -> bool:
         """Whether this event without member state was applied before; remembers it if not
