@@ -71,7 +71,6 @@ class Commit:
     signal_counts: dict[str, int] = field(default_factory=dict)  # signal -> n, for the metrics
     partial: bytes | None = None                          # this partition's aggregates
     positions: dict[str, int] = field(default_factory=dict)  # input topic -> next offset
-    member_statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # for Redis
     members: dict[str, bytes] = field(default_factory=dict)  # member_id -> its state record
     as_of: int | None = None            # the as-of bucket of the batch's member states
     clv_params: tuple | None = None     # the CLV fit the member states' predictions use
@@ -272,11 +271,11 @@ class PartitionTask:
             self.pending = Commit(self.partition, [])
         self.processor.advance(K)
 
-    def take_commit(self, with_partial: bool = False, with_statuses: bool = False,
-                    clv_params: tuple | None = None) -> Commit | None:
-        """What the batch changed, as a Commit (None when there is nothing to write); with the
-        changed members' statuses for the read model when asked, and their CLV predictions
-        when ``clv_params`` (BG/NBD, Gamma-Gamma parameters of the latest fit) are given."""
+    def take_commit(self, with_partial: bool = False, clv_params: tuple | None = None
+                    ) -> Commit | None:
+        """What the batch changed, as a Commit (None when there is nothing to write). It carries
+        the changed members' state records with its as-of bucket and ``clv_params`` (the latest
+        CLV fit), from which the read model makes their statuses (statuses_from_records)."""
         commit = self.pending or Commit(self.partition, [])
         self.pending = commit
         processor = self.processor
@@ -286,8 +285,6 @@ class PartitionTask:
         state += zip([MEMBER + member_id.encode() for member_id in dirty], records, strict=True)
         commit.members = dict(zip(dirty, records, strict=True))
         commit.as_of, commit.clv_params = processor.K, clv_params
-        if with_statuses:
-            commit.member_statuses.update(self.changed_statuses(clv_params))
         floor = processor.aggs.floor
         for bucket in processor.changed_buckets:  # at or before the floor: folded away
             state.append((BUCKET + str(bucket).encode(), None if bucket <= floor
@@ -313,17 +310,6 @@ class PartitionTask:
         state.append((POSITIONS_KEY, orjson.dumps({"positions": commit.positions,
                                                    "max_ts": processor.max_ts})))
         return commit
-
-    def changed_statuses(self, clv_params: tuple | None = None) -> dict[str, dict[str, Any]]:
-        """The read-model status of every member the batch changed (none before the as-of
-        bucket is known), with their CLV predictions when ``clv_params`` (BG/NBD, Gamma-Gamma
-        parameters of the latest fit) are given."""
-        K = self.processor.K
-        if K is None:
-            return {}
-        dirty = self.members.dirty
-        return dict(zip(dirty, member_statuses(list(dirty.values()), K, self.settings,
-                                               clv_params), strict=True))
 
     def committed(self, commit: Commit, log_end: int | None) -> None:
         """The Commit is durable: write its state records to the local store."""

@@ -156,8 +156,12 @@ def test_member_predictions_are_the_models_per_member_values(events):
 
 
 def test_partition_commits_carry_member_predictions_once_parameters_are_known(events):
-    from stream_kpis.live.partition import InputRecord, PartitionTask
+    from stream_kpis.live.partition import InputRecord, PartitionTask, statuses_from_records
     from stream_kpis.live.store import MemoryStore
+
+    def status_of(commit):  # as the worker's read model makes it at its flush
+        return statuses_from_records(SETTINGS, commit.as_of, commit.clv_params,
+                                     [commit.members["m1"]])[0]
 
     types = {name: kind for kind, name in SETTINGS.topics.inputs().items()}
     task = PartitionTask(SETTINGS, 0, MemoryStore(), types)
@@ -165,20 +169,26 @@ def test_partition_commits_carry_member_predictions_once_parameters_are_known(ev
     body = b'{"event_id": "p%d", "member_id": "m1", "ts": %d, "amount": 20.0}'
     task.apply([InputRecord(topic, 0, i, b"m1", body % (i, (10 + 9 * i) * DAY_MS))
                 for i in range(3)])
-    without = task.take_commit(with_statuses=True)
-    assert "p_alive" not in without.member_statuses["m1"]
+    without = task.take_commit()
+    assert "p_alive" not in status_of(without)
     task.committed(without, None)
     task.apply([InputRecord(topic, 0, 3, b"m1", body % (3, 60 * DAY_MS))])
     params = ((0.24, 4.4, 0.79, 2.4), (6.25, 3.74, 15.44))
-    status = task.take_commit(with_statuses=True, clv_params=params).member_statuses["m1"]
+    status = status_of(task.take_commit(clv_params=params))
     assert 0 < status["p_alive"] <= 1 and status["expected_purchases"] > 0
     assert status["expected_value"] > 0
 
 
 def test_statuses_made_from_committed_records_equal_those_of_the_batch(events):
     """The worker defers a member's read-model status to the flush, from the state record its
-    commit wrote (with the commit's as-of bucket and CLV fit): the same status as the batch's."""
-    from stream_kpis.live.partition import InputRecord, PartitionTask, statuses_from_records
+    commit wrote (with the commit's as-of bucket and CLV fit): the same status as the batch's
+    member states give."""
+    from stream_kpis.live.partition import (
+        InputRecord,
+        PartitionTask,
+        member_statuses,
+        statuses_from_records,
+    )
     from stream_kpis.live.store import MemoryStore
 
     types = {name: kind for kind, name in SETTINGS.topics.inputs().items()}
@@ -188,12 +198,14 @@ def test_statuses_made_from_committed_records_equal_those_of_the_batch(events):
     task.apply([InputRecord(topic, 0, i, b"m%d" % (i % 3), body % (i, i % 3, (10 + 9 * i) * DAY_MS))
                 for i in range(9)])
     params = ((0.24, 4.4, 0.79, 2.4), (6.25, 3.74, 15.44))
-    commit = task.take_commit(with_statuses=True, clv_params=params)
+    commit = task.take_commit(clv_params=params)
     assert sorted(commit.members) == ["m0", "m1", "m2"]
     assert (commit.as_of, commit.clv_params) == (task.processor.K, params)
     deferred = statuses_from_records(SETTINGS, commit.as_of, commit.clv_params,
                                      list(commit.members.values()))
-    assert deferred == [commit.member_statuses[m] for m in commit.members]
+    in_batch = member_statuses([task.members.dirty[m] for m in commit.members],
+                               task.processor.K, SETTINGS, params)
+    assert deferred == in_batch
     assert all("p_alive" in status for status in deferred)
 
 
