@@ -35,16 +35,14 @@ from typing import Any
 
 import orjson
 
-from stream_kpis.core import evaluate_kpis
 from stream_kpis.core.events import DeadLetter, EventParser
-from stream_kpis.core.kpis import Aggregates
 from stream_kpis.generate import GeneratorConfig, write_jsonl
+from stream_kpis.live.exporter import Exporter
 from stream_kpis.live.kafka_tools import _file_messages
 from stream_kpis.live.partition import (
     WRONG_KEY_DETAIL,
     InputRecord,
     PartitionTask,
-    parse_partial,
     partial_value,
     statuses_from_records,
 )
@@ -246,9 +244,10 @@ def measure(by_partition: dict[int, list[InputRecord]], settings: Settings, data
                 for t in tasks]
     times.partial_ms = (clock() - started) * 1000
     started = clock()
-    merged = Aggregates.merged(Aggregates.from_bytes(parse_partial(p)[2]) for p in partials)
-    K = max(t.processor.K for t in tasks if t.processor.K is not None)
-    times.kpi_records = len(evaluate_kpis(settings, merged, K))
+    exporter = Exporter(settings)  # what the exporter does with the partials, each emission
+    for task, value in zip(tasks, partials, strict=True):
+        exporter.take(b"%d" % task.partition, value)
+    times.kpi_records = len(exporter.evaluate())
     times.add("evaluate", clock() - started)
     for task in tasks:
         task.store.close()

@@ -388,13 +388,6 @@ class Aggregates:
             self.clv.merge(clv if isinstance(clv, SufficientStats)
                            else SufficientStats.from_dict(clv))
 
-    @classmethod
-    def merged(cls, parts: Iterable[Aggregates]) -> Aggregates:
-        total = cls()
-        for part in parts:
-            total.merge(part)
-        return total
-
     def to_bytes(self) -> bytes:
         """JSON of the aggregates; a histogram is [key deltas, values] over its sorted keys
         (``"format": 2``: flat lists, which encode, compress and decode several times faster

@@ -46,7 +46,6 @@ class Exporter:
         self.settings = settings
         self.clock = clock
         self.raw: dict[int, bytes] = {}  # partition -> its latest partial, as published
-        self.max_ts: dict[int, int | None] = {}
         self.churn_history: dict[int, dict[int, tuple[int, int]]] = {}
         self.version = 0
         self.last_state: tuple[int, int] | None = None
@@ -66,13 +65,12 @@ class Exporter:
             return
         partition = int(key)
         self.raw[partition] = value
-        self.max_ts[partition] = partial_max_ts(value)
         self.version += 1
 
     def as_of_bucket(self) -> int | None:
         if self.settings.clock == "wall":
             return int(self.clock() * 1000) // self.settings.bucket_ms
-        stamps = [max_ts for max_ts in self.max_ts.values() if max_ts is not None]
+        stamps = [max_ts for max_ts in map(partial_max_ts, self.raw.values()) if max_ts is not None]
         return max(stamps) // self.settings.bucket_ms if stamps else None
 
     def merged(self) -> Aggregates:
