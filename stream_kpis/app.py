@@ -39,6 +39,7 @@ from .live.metrics import CONTENT_TYPE_LATEST, KpiCollector, WorkerMetrics, rend
 from .live.partition import Commit, statuses_from_records
 from .live.stall import StallDetector
 from .live.store import open_store
+from .runtime import tune_gc
 from .settings import Settings, load_settings
 
 __all__ = ["Pipeline", "create_app", "app", "faust_app_kwargs"]
@@ -285,5 +286,6 @@ def create_app(settings: Settings | None = None) -> faust.App:
 
 
 # ``faust -A stream_kpis.app worker``: the module-level app, configured from the environment.
+tune_gc()
 pipeline = Pipeline(load_settings())
 app = pipeline.app

@@ -20,6 +20,7 @@ import orjson
 
 from .core.timebase import parse_duration
 from .exceptions import StreamKpisError
+from .runtime import tune_gc
 from .settings import load_settings
 
 __all__ = ["main", "cli", "CohortRow", "cohort_csv", "cohort_triangle"]
@@ -91,6 +92,7 @@ def _sources(files: tuple[Path, ...], config_path: Path | None) -> list:
 @click.version_option(package_name="stream-kpis")
 def cli() -> None:
     """Exact loyalty-program KPIs from Kafka event streams (and from files)."""
+    tune_gc()  # every command but the shortest processes events: see stream_kpis/runtime.py
 
 
 @cli.command()

@@ -435,3 +435,19 @@ def test_csv_rows_are_what_csv_dictreader_reads(tmp_path):
         "bad_value",
         {"event_id": "multi\nline", "ts": 1_704_326_400_000},
     ]
+
+
+def test_commands_collect_garbage_less_often(replay):
+    """Every command sets stream_kpis.runtime.GC_THRESHOLDS (benchmarks/gc_thresholds.py says
+    why); Python's defaults are a young pass every 700 allocations."""
+    import gc
+
+    from stream_kpis.runtime import GC_THRESHOLDS
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        replay(EVENTS, "--output", "jsonl")
+        assert gc.get_threshold() == GC_THRESHOLDS != (700, 10, 10)
+    finally:
+        gc.set_threshold(*before)
