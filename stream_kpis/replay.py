@@ -16,7 +16,6 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,7 +23,7 @@ import orjson
 
 from .core import Processor, evaluate_kpis
 from .core.events import EVENT_TYPES, DeadLetter, Event, EventParser
-from .core.timebase import parse_rfc3339_ms
+from .core.timebase import parse_rfc3339_ms, strptime_ms
 from .exceptions import ConfigError, InputFileError
 from .settings import Settings, read_toml
 
@@ -130,14 +129,7 @@ def _timestamp_converter(ts_format: str) -> Callable[[str], Any]:
         return lambda text: int(round(float(text) * 1000))
     if ts_format == "rfc3339":
         return parse_rfc3339_ms
-
-    def strftime(text: str) -> int:
-        moment = datetime.strptime(text, ts_format)
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return int(moment.timestamp() * 1000)
-
-    return strftime
+    return strptime_ms(ts_format)
 
 
 class _RowError(Exception):

@@ -248,10 +248,12 @@ class MemberState:
         order: lots are sorted by ts and the expiry bucket (ts + V) // bucket_ms grows with it,
         so they are one slice of the lots."""
         lots = self.lots
-        if not lots:
+        first_ts, end_ts = (after + 1) * bucket_ms - validity_ms, (upto + 1) * bucket_ms - validity_ms
+        # the usual answers without a search: all lots expire later, or all have expired
+        if not lots or lots[0][0] >= end_ts or lots[-1][0] < first_ts:
             return []
-        start = bisect_left(lots, (after + 1) * bucket_ms - validity_ms, key=_lot_ts)
-        end = bisect_left(lots, (upto + 1) * bucket_ms - validity_ms, lo=start, key=_lot_ts)
+        start = bisect_left(lots, first_ts, key=_lot_ts)
+        end = bisect_left(lots, end_ts, lo=start, key=_lot_ts)
         remaining = self.remaining
         return [((lots[i][0] + validity_ms) // bucket_ms, remaining[i]) for i in range(start, end)]
 
