@@ -10,6 +10,7 @@ never stop the replay.
 from __future__ import annotations
 
 import csv
+import gc
 import heapq
 import io
 import sys
@@ -338,32 +339,43 @@ def replay(sources: Iterable[Source], settings: Settings, *, every_ms: int | Non
     series: list[dict[str, Any]] = []
     step = None if every_ms is None else max(1, every_ms // settings.bucket_ms)
     next_emit = None
-    process_batch = processor.process_batch
     batch: list[Event] = []
-    for item in items:
-        if item.__class__ is DeadLetter:
-            dead_letters[item.reason] += 1
-            if on_dead_letter is not None:
-                on_dead_letter(item)
-            continue
-        if step is not None:
-            bucket = item.ts // settings.bucket_ms
-            if next_emit is None:
-                next_emit = (bucket // step + 1) * step - 1
-            if bucket > next_emit:
-                process_batch(batch)  # the series evaluates what came before this event
+
+    def process_batch(events: list[Event]) -> None:
+        processor.process_batch(events)
+        # What the core keeps (member states, histograms) lives until the end: out of the cyclic
+        # collector's sight, which otherwise traverses all of it again each time the heap has
+        # grown by a quarter (~12% of a replay). Replay makes no reference cycles (a test checks
+        # this), so nothing frozen is garbage; the finally below unfreezes it all.
+        gc.freeze()
+
+    try:
+        for item in items:
+            if item.__class__ is DeadLetter:
+                dead_letters[item.reason] += 1
+                if on_dead_letter is not None:
+                    on_dead_letter(item)
+                continue
+            if step is not None:
+                bucket = item.ts // settings.bucket_ms
+                if next_emit is None:
+                    next_emit = (bucket // step + 1) * step - 1
+                if bucket > next_emit:
+                    process_batch(batch)  # the series evaluates what came before this event
+                    batch = []
+                while bucket > next_emit:
+                    records = processor.evaluate(next_emit)
+                    series.extend(records)
+                    if on_series is not None:
+                        on_series(records)
+                    next_emit += step
+            batch.append(item)
+            if len(batch) == BATCH_EVENTS:
+                process_batch(batch)
                 batch = []
-            while bucket > next_emit:
-                records = processor.evaluate(next_emit)
-                series.extend(records)
-                if on_series is not None:
-                    on_series(records)
-                next_emit += step
-        batch.append(item)
-        if len(batch) == BATCH_EVENTS:
-            process_batch(batch)
-            batch = []
-    process_batch(batch)
+        process_batch(batch)
+    finally:
+        gc.unfreeze()
     K = processor.as_of_bucket()
     records = [] if K is None else evaluate_kpis(settings, processor.aggs, K, processor.churn_history,
                                                  processor.clv_model)
