@@ -12,6 +12,7 @@ in a time-ordered stream) extends the allocation, any other re-allocates from sc
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from itertools import compress
 from operator import attrgetter, itemgetter
 from typing import Any
 
@@ -62,8 +63,11 @@ def allocate_points(lots: list[list], redemptions: list[list], validity_ms: int
 def _insert_sorted(items: list[list], item: list) -> int:
     """Insert ``item`` in (ts, event_id) order, searching from the end (where a time-ordered
     stream adds); returns its index."""
-    key = (item[0], item[1])
     i = len(items)
+    if not i or items[-1][0] < item[0]:  # later than all: the usual case in a time-ordered stream
+        items.append(item)
+        return i
+    key = (item[0], item[1])
     while i and (items[i - 1][0], items[i - 1][1]) > key:
         i -= 1
     items.insert(i, item)
@@ -219,16 +223,19 @@ class MemberState:
         # the latest redemption: FIFO allocation takes it last, from what the earlier ones left
         r, _, need = redemption
         changes = []
-        # the first lot not expired at r (t + V > r); lots after r cannot serve it
-        for i in range(bisect_right(lots, r - validity_ms, key=_lot_ts), len(lots)):
-            if not need or lots[i][0] > r:
-                break
+        # lots earned at or before r and not expired at r (t <= r < t + V) are a slice of the
+        # lots; of those, only the ones with points left (compress skips the rest in C: a
+        # member's old lots are mostly used up)
+        start = bisect_right(lots, r - validity_ms, key=_lot_ts)
+        end = bisect_right(lots, r, lo=start, key=_lot_ts)
+        for i in compress(range(start, end), remaining[start:end]):
             before = remaining[i]
-            if before:
-                take = need if need < before else before
-                remaining[i] = before - take
-                need -= take
-                changes.append((i, before))
+            take = need if need < before else before
+            remaining[i] = before - take
+            need -= take
+            changes.append((i, before))
+            if not need:
+                break
         self.unbacked += need
         return changes
 
