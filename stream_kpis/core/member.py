@@ -203,6 +203,8 @@ class MemberState:
             self.lots = []
         index = _insert_sorted(self.lots, lot)
         remaining, redemptions = self.remaining, self.redemptions
+        if remaining is None and len(self.lots) == 1 and not redemptions:
+            remaining = self.remaining = []  # the first points event: nothing allocated yet
         if (remaining is not None and index == len(remaining)
                 and (not redemptions or redemptions[-1][0] < lot[0])):
             # the latest lot, earned after every redemption: none can take from it, and the
