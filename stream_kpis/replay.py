@@ -204,6 +204,7 @@ def _mapped_rows(source: Source, handle: io.TextIOBase
 
 def _rows(reader: Any, width: int, plan: list[tuple[str, int, Callable[[str], Any] | None]],
           ts_format: str) -> Iterator[_MappedRow]:
+    """The data rows of ``reader`` mapped through ``plan`` (see _mapped_fields)."""
     for cells in reader:
         if not cells:
             continue
@@ -243,6 +244,7 @@ def _mapped_fields(cells: list[str], plan: list[tuple[str, int, Callable[[str], 
 
 def _conversion_error(name: str, text: str, kind: Callable[[str], Any], ts_format: str
                       ) -> _RowError:
+    """The dead letter of a cell its converter rejected: bad_timestamp or bad_type."""
     if name == "ts":
         return _RowError("bad_timestamp", f"ts {text!r} does not match ts_format {ts_format!r}")
     return _RowError("bad_type", f"{name} {text!r} is not a"

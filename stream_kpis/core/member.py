@@ -199,6 +199,7 @@ class MemberState:
             self.tier = event.tier
 
     def _add_lot(self, lot: list, validity_ms: int) -> LotChanges:
+        """Add a purchase's lot and allocate; the lots that changed."""
         if self.lots is None:
             self.lots = []
         index = _insert_sorted(self.lots, lot)
@@ -214,6 +215,7 @@ class MemberState:
         return self._reallocate(validity_ms, index)
 
     def _add_redemption(self, redemption: list, validity_ms: int) -> LotChanges:
+        """Add a redemption and allocate it; the lots that changed."""
         if self.redemptions is None:
             self.redemptions = []
         index = _insert_sorted(self.redemptions, redemption)
