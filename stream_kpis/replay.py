@@ -342,7 +342,9 @@ def replay(sources: Iterable[Source], settings: Settings, *, every_ms: int | Non
     """Run the sources through one Processor in event-clock mode and evaluate as of the end.
 
     Several sources are interleaved by timestamp (each is read in file order). ``every_ms``
-    evaluates a series as event time passes each multiple of it.
+    evaluates a series as event time passes each multiple of it. Between batches the process's
+    objects are frozen out of the cyclic garbage collector (``gc.freeze``) and unfrozen at the
+    end (``gc.unfreeze``, which also unfreezes what a caller froze before).
     """
     settings = settings.with_overrides(clock="event")
     signals = 0
