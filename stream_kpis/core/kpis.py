@@ -573,13 +573,16 @@ class MentionMatcher:
             for term in terms:
                 key = f"{lexicon}\t{term}"
                 self.keys.append(key)
-                patterns.append(re.compile(rf"(?<!\w){re.escape(term.casefold())}(?!\w)"))
+                folded = term.casefold()
+                patterns.append((folded, re.compile(rf"(?<!\w){re.escape(folded)}(?!\w)")))
         self.patterns = patterns
 
     def matches(self, comment: str) -> list[str]:
         text = comment.casefold()
-        return [key for key, pattern in zip(self.keys, self.patterns, strict=True)
-                if pattern.search(text)]
+        # a whole-word match is first a substring: the substring test (~20x cheaper than a
+        # search) leaves the regex only the few terms the comment contains
+        return [key for key, (folded, pattern) in zip(self.keys, self.patterns, strict=True)
+                if folded in text and pattern.search(text)]
 
 
 #: KPI name -> output topic key (SPEC section 6), from the catalogue.

@@ -3,23 +3,34 @@
 A :class:`MemberState` holds what SPEC section 3 lists. Updates are idempotent per event through
 the bounded ``recent`` record of de-duplication keys; everything else is a max/min/sum that does
 not depend on arrival order, so out-of-order and late events give the same state as a sorted pass.
-With points validity, the member's point lots are re-allocated (FIFO, in event-time order) on
-every points event, see :func:`allocate_points`.
+With points validity, the member's point lots are FIFO-allocated in event-time order (see
+:func:`allocate_points`): a points event that comes after all the member's others (the usual case
+in a time-ordered stream) extends the allocation, any other re-allocates from scratch; either way
+:meth:`MemberState.apply` says which lots changed, so the aggregates move only those.
 """
 
 from __future__ import annotations
 
-from operator import attrgetter
+from bisect import bisect_left, bisect_right
+from itertools import compress
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import orjson
 
 from .events import ENROLLMENT, PURCHASE, REDEMPTION, Event
 
-__all__ = ["MemberState", "allocate_points", "UNKNOWN", "ACTIVE", "AT_RISK", "CHURNED"]
+__all__ = ["MemberState", "LotChanges", "allocate_points", "UNKNOWN", "ACTIVE", "AT_RISK",
+           "CHURNED"]
 
 UNKNOWN = "unknown"
 ACTIVE, AT_RISK, CHURNED = "active", "at_risk", "churned"
+
+#: The lots a points event changed: (lot index, its remaining points before the event, or None
+#: for the event's own new lot), in lot order.
+LotChanges = list[tuple[int, int | None]]
+
+_lot_ts = itemgetter(0)  # lots and redemptions are [ts, event_id, points], sorted by (ts, id)
 
 
 def allocate_points(lots: list[list], redemptions: list[list], validity_ms: int
@@ -49,12 +60,18 @@ def allocate_points(lots: list[list], redemptions: list[list], validity_ms: int
     return remaining, unbacked
 
 
-def _insert_sorted(items: list[list], item: list) -> None:
-    key = (item[0], item[1])
+def _insert_sorted(items: list[list], item: list) -> int:
+    """Insert ``item`` in (ts, event_id) order, searching from the end (where a time-ordered
+    stream adds); returns its index."""
     i = len(items)
+    if not i or items[-1][0] < item[0]:  # later than all: the usual case in a time-ordered stream
+        items.append(item)
+        return i
+    key = (item[0], item[1])
     while i and (items[i - 1][0], items[i - 1][1]) > key:
         i -= 1
     items.insert(i, item)
+    return i
 
 
 class MemberState:
@@ -123,8 +140,10 @@ class MemberState:
             del recent[next(iter(recent))]
         return False
 
-    def apply(self, event: Event, validity_ms: int | None) -> None:
-        """Apply one (already de-duplicated) event."""
+    def apply(self, event: Event, validity_ms: int | None) -> LotChanges | None:
+        """Apply one (already de-duplicated) event. With points validity, a points event returns
+        the lots it changed (see :data:`LotChanges`); anything else returns None."""
+        changes = None
         ts = event.ts
         kind = event.type
         if kind == PURCHASE:
@@ -141,10 +160,7 @@ class MemberState:
             if event.points:
                 self.points_earned += event.points
                 if validity_ms is not None:
-                    if self.lots is None:
-                        self.lots = []
-                    _insert_sorted(self.lots, [ts, event.event_id, event.points])
-                    self._reallocate(validity_ms)
+                    changes = self._add_lot([ts, event.event_id, event.points], validity_ms)
             self._maybe_tier(event)
             if event.store_id:
                 key = [ts, event.event_id]
@@ -158,10 +174,7 @@ class MemberState:
             if self.last_redemption is None or ts > self.last_redemption:
                 self.last_redemption = ts
             if validity_ms is not None:
-                if self.redemptions is None:
-                    self.redemptions = []
-                _insert_sorted(self.redemptions, [ts, event.event_id, event.points])
-                self._reallocate(validity_ms)
+                changes = self._add_redemption([ts, event.event_id, event.points], validity_ms)
         elif kind == ENROLLMENT:
             if (self.enrolled_ts is None or ts < self.enrolled_ts
                     or (ts == self.enrolled_ts and event.event_id < self.enroll_key)):
@@ -169,6 +182,7 @@ class MemberState:
                 self.enroll_key = event.event_id
                 self.channel = event.channel or UNKNOWN
             self._maybe_tier(event)
+        return changes
 
     def _activity(self, ts: int) -> None:
         if self.last_activity is None or ts > self.last_activity:
@@ -184,9 +198,75 @@ class MemberState:
             self.tier_key = key
             self.tier = event.tier
 
-    def _reallocate(self, validity_ms: int) -> None:
+    def _add_lot(self, lot: list, validity_ms: int) -> LotChanges:
+        """Add a purchase's lot and allocate; the lots that changed."""
+        if self.lots is None:
+            self.lots = []
+        index = _insert_sorted(self.lots, lot)
+        remaining, redemptions = self.remaining, self.redemptions
+        if remaining is None and len(self.lots) == 1 and not redemptions:
+            remaining = self.remaining = []  # the first points event: nothing allocated yet
+        if (remaining is not None and index == len(remaining)
+                and (not redemptions or redemptions[-1][0] < lot[0])):
+            # the latest lot, earned after every redemption: none can take from it, and the
+            # allocation of the others stays as it was
+            remaining.append(lot[2])
+            return [(index, None)]
+        return self._reallocate(validity_ms, index)
+
+    def _add_redemption(self, redemption: list, validity_ms: int) -> LotChanges:
+        """Add a redemption and allocate it; the lots that changed."""
+        if self.redemptions is None:
+            self.redemptions = []
+        index = _insert_sorted(self.redemptions, redemption)
+        lots, remaining = self.lots or [], self.remaining
+        if remaining is None and not lots:
+            remaining = self.remaining = []  # as allocate_points gives it
+        if index < len(self.redemptions) - 1 or remaining is None or len(remaining) != len(lots):
+            return self._reallocate(validity_ms, None)
+        # the latest redemption: FIFO allocation takes it last, from what the earlier ones left
+        r, _, need = redemption
+        changes = []
+        # lots earned at or before r and not expired at r (t <= r < t + V) are a slice of the
+        # lots; of those, only the ones with points left (compress skips the rest in C: a
+        # member's old lots are mostly used up)
+        start = bisect_right(lots, r - validity_ms, key=_lot_ts)
+        end = bisect_right(lots, r, lo=start, key=_lot_ts)
+        for i in compress(range(start, end), remaining[start:end]):
+            before = remaining[i]
+            take = need if need < before else before
+            remaining[i] = before - take
+            need -= take
+            changes.append((i, before))
+            if not need:
+                break
+        self.unbacked += need
+        return changes
+
+    def _reallocate(self, validity_ms: int, inserted: int | None) -> LotChanges:
+        """Allocate all lots again; ``inserted`` is the index of a new lot, if any."""
+        before: list[int | None] = list(self.remaining or [])
+        if inserted is not None:
+            before.insert(inserted, None)
         self.remaining, self.unbacked = allocate_points(self.lots or [], self.redemptions or [],
                                                         validity_ms)
+        return [(i, old) for i, (old, new) in enumerate(zip(before, self.remaining, strict=True))
+                if old != new]
+
+    def lots_expiring(self, after: int, upto: int, validity_ms: int, bucket_ms: int
+                      ) -> list[tuple[int, int]]:
+        """(expiry bucket, remaining) of the lots whose expiry bucket is in (after, upto], in lot
+        order: lots are sorted by ts and the expiry bucket (ts + V) // bucket_ms grows with it,
+        so they are one slice of the lots."""
+        lots = self.lots
+        first_ts, end_ts = (after + 1) * bucket_ms - validity_ms, (upto + 1) * bucket_ms - validity_ms
+        # the usual answers without a search: all lots expire later, or all have expired
+        if not lots or lots[0][0] >= end_ts or lots[-1][0] < first_ts:
+            return []
+        start = bisect_left(lots, first_ts, key=_lot_ts)
+        end = bisect_left(lots, end_ts, lo=start, key=_lot_ts)
+        remaining = self.remaining
+        return [((lots[i][0] + validity_ms) // bucket_ms, remaining[i]) for i in range(start, end)]
 
     def lot_contributions(self, validity_ms: int, bucket_ms: int) -> list[tuple[int, int, int]]:
         """(expiry bucket, points, remaining) per lot."""

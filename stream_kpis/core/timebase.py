@@ -8,13 +8,15 @@ count as K (the range sums of :mod:`stream_kpis.core.kpis` clamp them).
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 
 __all__ = [
     "parse_duration",
     "duration_label",
     "parse_rfc3339_ms",
+    "strptime_ms",
     "format_rfc3339",
     "as_of_time",
 ]
@@ -65,6 +67,80 @@ def parse_rfc3339_ms(text: str) -> int:
     if text[-1] in "Zz":
         text = text[:-1] + "+00:00"
     return (datetime.fromisoformat(text) - _EPOCH) // _ONE_MS
+
+
+_EPOCH_ORDINAL = _EPOCH.toordinal()
+
+
+@lru_cache(maxsize=65_536)
+def _epoch_day(year: int, month: int, day: int) -> int | None:
+    """Days since the epoch of a date; None when there is no such date."""
+    try:
+        return date(year, month, day).toordinal() - _EPOCH_ORDINAL
+    except ValueError:
+        return None
+
+
+# strptime directives with a fixed-width zero-padded form, and that form
+_FIXED_DIRECTIVES = {"Y": r"(\d{4})", "m": r"(\d{2})", "d": r"(\d{2})", "H": r"(\d{2})",
+                     "M": r"(\d{2})", "S": r"(\d{2})"}
+
+
+def strptime_ms(pattern: str) -> Callable[[str], int]:
+    """A parser of timestamps written by ``pattern`` (a strptime pattern; naive is UTC) to epoch
+    ms, as ``datetime.strptime`` reads them (same values, same ValueError).
+
+    A pattern of ``%Y %m %d %H %M %S`` and literal text reads the zero-padded form (what an
+    export writes) by a fixed-width regex and integer arithmetic, ~4x faster; any other text, and
+    any other pattern, goes through ``datetime.strptime``.
+    """
+
+    def reference(text: str) -> int:
+        moment = datetime.strptime(text, pattern)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return int(moment.timestamp() * 1000)
+
+    fast = _fixed_width_re(pattern)
+    if fast is None:
+        return reference
+    names = re.findall(r"%(.)", pattern)
+    if "Y" not in names or "m" not in names or "d" not in names or len(set(names)) != len(names):
+        return reference  # a missing date part defaults to 1900-01-01; repeats: strptime's rules
+    # the group of each of Y m d H M S; a time part the pattern lacks reads the "0" put last
+    at = [names.index(name) if name in names else len(names) for name in "YmdHMS"]
+    year, month, day, hour, minute, second = at
+    match_pattern = fast.fullmatch
+
+    def parse(text: str) -> int:
+        match = match_pattern(text)
+        if match is not None:
+            values = (*match.groups(), "0")
+            days = _epoch_day(int(values[year]), int(values[month]), int(values[day]))
+            h, m, s = int(values[hour]), int(values[minute]), int(values[second])
+            if days is not None and h < 24 and m < 60 and s < 60:
+                return ((days * 24 + h) * 60 + m) * 60_000 + s * 1000
+        return reference(text)  # not the zero-padded form, or no such date or time: strptime's
+
+    return parse
+
+
+def _fixed_width_re(pattern: str) -> re.Pattern | None:
+    """The fixed-width form of a strptime pattern made of _FIXED_DIRECTIVES and literal text
+    (None for any other directive); text it matches, strptime matches the same way."""
+    parts = re.split(r"(%.)", pattern)
+    regex = []
+    for index, part in enumerate(parts):
+        if index % 2:
+            directive = _FIXED_DIRECTIVES.get(part[1])
+            if directive is None:
+                return None
+            regex.append(directive)
+        else:
+            if "%" in part:
+                return None  # a trailing lone %
+            regex.append(re.escape(part))
+    return re.compile("".join(regex), re.ASCII)
 
 
 _DAY_MS = 86_400_000

@@ -19,7 +19,16 @@ from stream_kpis.core.timebase import format_rfc3339
 from stream_kpis.live.partition import Commit, InputRecord, PartitionTask
 from stream_kpis.live.store import MemoryStore
 from stream_kpis.settings import Settings
-from tests.conftest import B, enrollment, feed, purchase, redemption, survey, to_event
+from tests.conftest import (
+    B,
+    build_settings,
+    enrollment,
+    feed,
+    purchase,
+    redemption,
+    survey,
+    to_event,
+)
 
 
 def record(records, kpi, window=None, **labels):
@@ -269,6 +278,18 @@ def test_an_event_sent_again_is_a_duplicate_and_counted_once(make_processor):
     assert value(records, "survey_responses", "3h") == 1
     assert value(records, "members") == 1
     assert value(records, "avg_lifetime_spend") == 20.0
+
+
+def test_events_without_member_state_are_remembered_up_to_guest_dedupe_oldest_forgotten():
+    processor = Processor(build_settings().with_overrides(guest_dedupe=3))
+    guests = [to_event(purchase(f"g{i}", None, 1, 8.0)) for i in range(5)]
+    assert [processor.process(event) for event in guests] == [APPLIED] * 5
+    # g0 and g1 were forgotten, oldest first (the bound is 3): they apply again, and push out
+    # g2 and g3; g4 and the two re-applied ones are still remembered
+    assert [processor.process(guests[i]) for i in (0, 1, 4, 0, 1)] == \
+        [APPLIED, APPLIED, DUPLICATE, DUPLICATE, DUPLICATE]
+    assert [processor.process(guests[i]) for i in (2, 3)] == [APPLIED, APPLIED]
+    assert list(processor.seen_without_member) == ["p||g1", "p||g2", "p||g3"]
 
 
 # --- a partition rebuilt from its store (the live PartitionTask) ------------------------------
