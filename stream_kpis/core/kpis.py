@@ -340,10 +340,17 @@ class Aggregates:
         self._merge_parts(other._parts(), dict.items)
 
     def merge_bytes(self, data: bytes) -> None:
-        """Add the aggregates encoded by :meth:`to_bytes` (format 2 or 1) without building
-        them first: what an exporter needs to hold is the total, not every partition's part."""
-        raw = orjson.loads(data)
-        self._merge_parts(raw, _column_items if raw.get("format") == 2 else iter)
+        """Add the aggregates encoded by :meth:`to_bytes` (format 3, 2 or 1) without building
+        them first: what an exporter needs to hold is the total, not every partition's part,
+        and with format 3 it decodes one segment at a time, never the whole partial."""
+        lines = data.split(b"\n")  # formats 1 and 2 are one line (JSON escapes newlines)
+        head = orjson.loads(lines[0])
+        items = _column_items if head.get("format", 1) >= 2 else iter
+        self._merge_parts(head, items)
+        for i in range(1, len(lines)):
+            key, parts = orjson.loads(lines[i])
+            lines[i] = b""  # the line's bytes go as soon as it is merged
+            self._merge_segment(key, parts, items)
 
     def _parts(self) -> dict[str, Any]:
         """The parts in the shape :meth:`_to_dict` encodes, as dicts (see _merge_parts)."""
@@ -369,10 +376,7 @@ class Aggregates:
         for name, value in parts["totals"].items():
             self.totals[name] += value
         for key, segment in parts.get("segments", {}).items():
-            mine = self.segments.get(key)
-            if mine is None:
-                mine = self.segments[key] = Aggregates()
-            mine._merge_parts(segment, items)
+            self._merge_segment(key, segment, items)
         if "cohort_members" in parts:
             _merge_items(self.cohort_members, items(parts["cohort_members"]))
             for mine_nested, theirs_nested in ((self.cohort_active, parts["cohort_active"]),
@@ -388,13 +392,30 @@ class Aggregates:
             self.clv.merge(clv if isinstance(clv, SufficientStats)
                            else SufficientStats.from_dict(clv))
 
-    def to_bytes(self) -> bytes:
-        """JSON of the aggregates; a histogram is [key deltas, values] over its sorted keys
-        (``"format": 2``: flat lists, which encode, compress and decode several times faster
-        than the [[key, value], ...] pairs of format 1, still read)."""
-        return orjson.dumps({"format": 2, **self._to_dict()})
+    def _merge_segment(self, key: str, parts: Mapping[str, Any],
+                       items: Callable[[Any], Iterable]) -> None:
+        mine = self.segments.get(key)
+        if mine is None:
+            mine = self.segments[key] = Aggregates()
+        mine._merge_parts(parts, items)
 
-    def _to_dict(self) -> dict[str, Any]:
+    def to_bytes(self) -> bytes:
+        """JSON lines of the aggregates (``"format": 3``): the aggregates without their
+        segments, then one ``[key, segment]`` line per segment. A histogram is [key deltas,
+        values] over its sorted keys (flat lists, which encode, compress and decode several
+        times faster than the [[key, value], ...] pairs of format 1). With segments most of
+        the bytes are theirs: line by line, neither the writer nor a reader (:meth:`merge_bytes`)
+        ever holds more than one segment as Python lists (format 2, one line with the segments
+        inside, took ~5x the JSON's size at once; formats 2 and 1 are still read)."""
+        head = self._to_dict(segments=False)
+        head["format"] = 3
+        out = bytearray(orjson.dumps(head))
+        for key, segment in self.segments.items():  # orjson's buffer per line is let go at once
+            out += b"\n"
+            out += orjson.dumps([key, segment._to_dict()])
+        return bytes(out)
+
+    def _to_dict(self, segments: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
             "hists": [_columns(h) for h in self.hists],
             "tiers": self.tiers,
@@ -406,7 +427,7 @@ class Aggregates:
             out["sums"] = {n: _columns(h) for n, h in self.sums.items() if h}
         if self.mentions:
             out["mentions"] = {k: _columns(h) for k, h in self.mentions.items()}
-        if self.segments:
+        if segments and self.segments:
             out["segments"] = {key: seg._to_dict() for key, seg in self.segments.items()}
         if self.cohort_members:
             out["cohort_members"] = _columns(self.cohort_members)
@@ -456,7 +477,10 @@ def _columns(hist: Mapping[int, float]) -> list[list]:
 
 
 def _column_items(columns: list[list]) -> Iterable[tuple[int, float]]:
-    return zip(accumulate(columns[0]), columns[1], strict=True)
+    """The (key, value) pairs of a [key deltas, values] histogram; the keys are the shared
+    bucket ints (as in the worker's histograms: a merged total keeps no int per entry)."""
+    keys = list(accumulate(columns[0]))
+    return zip(map(shared_key, keys, keys), columns[1], strict=True)
 
 
 def _merge_items(mine: dict, theirs: Iterable) -> None:

@@ -531,7 +531,16 @@ def test_aggregates_round_trip_and_the_format_1_partials_of_earlier_versions_sti
     settings = make_settings(windows=(3,), segments=["tier", "store_id"], cohorts=3,
                              lexicons={"friction": ["slow"]})
     aggs = feed(Processor(settings), _long_stream(12)).aggs
-    assert _slots(Aggregates.from_bytes(aggs.to_bytes())) == _slots(aggs)
+    data = aggs.to_bytes()
+    assert _slots(Aggregates.from_bytes(data)) == _slots(aggs)
+    # format 3: a line without the segments, then a line per segment (decoded one at a time)
+    lines = data.split(b"\n")
+    assert "segments" not in orjson.loads(lines[0]) and len(aggs.segments) > 1
+    assert sorted(orjson.loads(line)[0] for line in lines[1:]) == sorted(aggs.segments)
+    # format 2, written before format 3: one JSON document with the segments inside
+    format_2 = orjson.dumps({"format": 2, **aggs._to_dict()})
+    assert b"\n" not in format_2
+    assert _slots(Aggregates.from_bytes(format_2)) == _slots(aggs)
     # format 1, written before format 2: histograms as [[key, value], ...] pairs
     one = Aggregates()
     one.move_member(None, (3, 5, 5, None, 5, None, 5, 5, "web", "gold"))
