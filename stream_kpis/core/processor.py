@@ -15,6 +15,7 @@ import orjson
 
 from .catalogue import CATALOGUE, MEMBER_DIMENSIONS, ORDER_DIMENSIONS
 from .events import ENROLLMENT, PURCHASE, REDEMPTION, SURVEY, Event
+from .jsonbytes import dumps
 from .kpis import (
     LAST_TOUCH,
     Aggregates,
@@ -569,7 +570,7 @@ class PartitionStore:
                     if values:
                         segments[key] = values
             record["segments"] = segments
-        return orjson.dumps(record)
+        return dumps(record)
 
     @staticmethod
     def load_bucket(processor: Processor, bucket: int, data: bytes) -> None:

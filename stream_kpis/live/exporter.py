@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from ..core import evaluate_kpis
 from ..core.kpis import KPI_TOPICS, Aggregates
 from ..settings import Settings
+from .allocator import release_free_memory
 from .kafka_log import aiokafka_config, partials_topic
 from .kafka_tools import MAX_RECORD_BYTES
 from .partition import parse_partial, partial_max_ts
@@ -90,8 +91,10 @@ class Exporter:
         if state == self.last_state:
             return []
         self.last_state = state
-        merged = self.merged()
-        return evaluate_kpis(self.settings, merged, K, self.churn_history, self.clv_model)
+        records = evaluate_kpis(self.settings, self.merged(), K, self.churn_history,
+                                self.clv_model)
+        release_free_memory()  # the merged total is gone: its pages go back to the system
+        return records
 
     def history_record(self) -> bytes:
         recent = sorted(self.churn_history.items())[-_HISTORY_KEEP:]

@@ -35,6 +35,7 @@ import orjson
 
 from ..core import PartitionStore, Processor, member_status
 from ..core.events import DeadLetter, EventParser
+from ..core.jsonbytes import dumps
 from ..core.member import MemberState
 from ..settings import Settings
 from .store import LocalStore
@@ -259,7 +260,7 @@ class PartitionTask:
                 item = DeadLetter("wrong_key", WRONG_KEY_DETAIL, value)
             if item.__class__ is DeadLetter:
                 item.topic, item.partition, item.offset = topic, record.partition, record.offset
-                commit.dead_letters.append((record.key, orjson.dumps(item.to_record())))
+                commit.dead_letters.append((record.key, dumps(item.to_record())))
                 outcome = "dead_letter:" + item.reason
             else:
                 outcome = self.processor.process(item)
@@ -319,6 +320,6 @@ class PartitionTask:
         self.log_end = log_end
 
     def _signal(self, signal: dict[str, Any]) -> None:
-        self.signals.append((signal["member_id"].encode(), orjson.dumps(signal)))
+        self.signals.append((signal["member_id"].encode(), dumps(signal)))
         self.signal_counts[signal["signal"]] = self.signal_counts.get(signal["signal"], 0) + 1
 
