@@ -87,7 +87,10 @@ class Processor:
         self.churn_history: dict[int, dict[int, tuple[int, int]]] = {}
         self.max_ts: int | None = None
         self.K: int | None = None  # as-of bucket the member statuses were last evaluated at
+        # last-touch bucket -> members, for the status signals as K passes it; only buckets
+        # after K - churn horizon (see forget_churned)
         self.touch_index: dict[int, set[str]] = {}
+        self.forgotten_upto: int | None = None  # touch buckets at or before it were dropped
         self.expiry_index: dict[int, set[str]] = {}
         self.applied = 0
         self.duplicates = 0
@@ -206,8 +209,11 @@ class Processor:
         touch = new_view[LAST_TOUCH]
         if touch != old_touch:
             if old_touch is not None:
-                self.touch_index[old_touch].discard(member_id)
-            self.touch_index.setdefault(touch, set()).add(member_id)
+                indexed = self.touch_index.get(old_touch)
+                if indexed is not None:  # else forgotten: churned (forget_churned)
+                    indexed.discard(member_id)
+            if self.forgotten_upto is None or touch > self.forgotten_upto:
+                self.touch_index.setdefault(touch, set()).add(member_id)
             # an active member touched within the at-risk horizon stays active: skip the check
             if state.status != ACTIVE or self.K is None or touch <= self.K - self.settings.at_risk:
                 self._update_status(member_id, state)
@@ -371,7 +377,24 @@ class Processor:
         for bucket in expiry_buckets:
             for member_id in list(self.expiry_index.get(bucket, ())):
                 self._expiry_notices(member_id, self.members[member_id], K)
+        self.forget_churned()
         self.trim_history()
+
+    def forget_churned(self) -> None:
+        """Drop the touch index's buckets at or before K - churn horizon. Their members are
+        churned and were told so when K passed their bucket; they stay churned until their next
+        event, which indexes them again, and no later move of K reads these buckets, so the
+        index holds the members touched within the churn horizon instead of every member."""
+        if self.K is None:
+            return
+        upto = self.K - self.settings.churn_horizon
+        index, after = self.touch_index, self.forgotten_upto
+        if after is not None and upto <= after:
+            return
+        for bucket in ([b for b in index if b <= upto] if after is None
+                       else self._newly_passed(index, after, upto)):
+            del index[bucket]
+        self.forgotten_upto = upto
 
     def history_floor(self, K: int) -> int:
         """The floor of the aggregates as of K: a function of K alone (a recovered partition

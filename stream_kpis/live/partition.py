@@ -232,6 +232,7 @@ class PartitionTask:
             processor.K = processor.max_ts // self.settings.bucket_ms
         if self.settings.clock == "wall":
             processor.K = int(time.time() * 1000) // self.settings.bucket_ms
+        processor.forget_churned()
         processor.trim_history()
         self.published_version = -1 if processor.max_ts is not None else 0
 
