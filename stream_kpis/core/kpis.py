@@ -10,11 +10,12 @@ partitions are merged by adding them up (:meth:`Aggregates.merge`).
 from __future__ import annotations
 
 import datetime
+import heapq
 import re
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Mapping
-from itertools import accumulate
-from operator import sub
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import accumulate, groupby
+from operator import itemgetter, sub
 from typing import Any
 
 import orjson
@@ -39,6 +40,7 @@ __all__ = [
     "month_of",
     "NO_FLOOR",
     "history_reach",
+    "merged_segments",
 ]
 
 # Indexes into MemberView for the member count histograms.
@@ -339,18 +341,17 @@ class Aggregates:
     def merge(self, other: Aggregates) -> None:
         self._merge_parts(other._parts(), dict.items)
 
-    def merge_bytes(self, data: bytes) -> None:
+    def merge_bytes(self, data: bytes, segments: bool = True) -> None:
         """Add the aggregates encoded by :meth:`to_bytes` (format 3, 2 or 1) without building
         them first: what an exporter needs to hold is the total, not every partition's part,
-        and with format 3 it decodes one segment at a time, never the whole partial."""
-        lines = data.split(b"\n")  # formats 1 and 2 are one line (JSON escapes newlines)
-        head = orjson.loads(lines[0])
-        items = _column_items if head.get("format", 1) >= 2 else iter
+        and with format 3 it decodes one segment at a time, never the whole partial. Without
+        ``segments`` their lines are not even read (see :func:`merged_segments`)."""
+        head, items = _decode_head(data)
+        inside = head.pop("segments", {})  # formats 1 and 2
         self._merge_parts(head, items)
-        for i in range(1, len(lines)):
-            key, parts = orjson.loads(lines[i])
-            lines[i] = b""  # the line's bytes go as soon as it is merged
-            self._merge_segment(key, parts, items)
+        if segments:
+            for key, parts in _segment_parts(data, inside):
+                self._merge_segment(key, parts, items)
 
     def _parts(self) -> dict[str, Any]:
         """The parts in the shape :meth:`_to_dict` encodes, as dicts (see _merge_parts)."""
@@ -406,11 +407,12 @@ class Aggregates:
         times faster than the [[key, value], ...] pairs of format 1). With segments most of
         the bytes are theirs: line by line, neither the writer nor a reader (:meth:`merge_bytes`)
         ever holds more than one segment as Python lists (format 2, one line with the segments
-        inside, took ~5x the JSON's size at once; formats 2 and 1 are still read)."""
+        inside, took ~5x the JSON's size at once; formats 2 and 1 are still read). The segment
+        lines are in key order, so that :func:`merged_segments` can merge partials key by key."""
         head = self._to_dict(segments=False)
         head["format"] = 3
         out = bytearray(orjson.dumps(head))
-        for key, segment in self.segments.items():  # orjson's buffer per line is let go at once
+        for key, segment in sorted(self.segments.items()):  # one orjson buffer at a time
             out += b"\n"
             out += orjson.dumps([key, segment._to_dict()])
         return bytes(out)
@@ -442,6 +444,49 @@ class Aggregates:
         aggs = cls()
         aggs.merge_bytes(data)
         return aggs
+
+
+def _decode_head(data: bytes) -> tuple[dict[str, Any], Callable[[Any], Iterable]]:
+    """The first line of encoded aggregates (all of formats 1 and 2), and how its histograms
+    turn into (key, value) pairs."""
+    end = data.find(b"\n")
+    head = orjson.loads(data if end < 0 else memoryview(data)[:end])
+    return head, (_column_items if head.get("format", 1) >= 2 else iter)
+
+
+def _segment_parts(data: bytes, inside: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(key, encoded segment) of each segment of encoded aggregates, in key order: the lines
+    after the first (format 3), decoded one at a time as they are asked for, or the segments
+    ``inside`` the first line (formats 1 and 2)."""
+    if inside:
+        yield from sorted(inside.items())
+        return
+    view = memoryview(data)  # slices of it copy nothing
+    start = data.find(b"\n")
+    while start >= 0:
+        end = data.find(b"\n", start + 1)
+        key, parts = orjson.loads(view[start + 1:end if end >= 0 else len(data)])
+        yield key, parts
+        start = end
+
+
+def merged_segments(encoded: Sequence[bytes]) -> Iterator[tuple[str, Aggregates]]:
+    """The segments of several encoded aggregates (:meth:`Aggregates.to_bytes`, e.g. every
+    partition's partial), summed, one segment at a time in key order: the segments of
+    :meth:`Aggregates.merge_bytes` of them all, while holding one decoded segment per input
+    and one sum instead of the merged segments of every value (which :func:`evaluate_kpis`
+    reads one at a time anyway)."""
+    def stream(data: bytes) -> Iterator[tuple[str, Any, Callable[[Any], Iterable]]]:
+        head, items = _decode_head(data)
+        for key, parts in _segment_parts(data, head.get("segments", {})):
+            yield key, parts, items
+
+    first = itemgetter(0)
+    for key, group in groupby(heapq.merge(*map(stream, encoded), key=first), key=first):
+        segment = Aggregates()
+        for _, parts, items in group:
+            segment._merge_parts(parts, items)
+        yield key, segment
 
 
 def _below(hist: dict, old: int, floor: int) -> list[int]:

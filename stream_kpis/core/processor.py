@@ -499,10 +499,13 @@ class Processor:
 
 def evaluate_kpis(settings: Settings, aggs: Aggregates, K: int,
                   churn_history: dict[int, dict[int, tuple[int, int]]] | None = None,
-                  clv_model: Any = None) -> list[dict[str, Any]]:
+                  clv_model: Any = None,
+                  segments: Iterable[tuple[str, Aggregates]] | None = None) -> list[dict[str, Any]]:
     """All KPI records as of K for these settings; records K's churn snapshot in the history.
     With CLV on, ``clv_model`` (a :class:`~stream_kpis.core.predictive.ClvModel`) gives the
-    SPEC 4.4 records and keeps its fit between evaluations."""
+    SPEC 4.4 records and keeps its fit between evaluations. ``segments`` are the (key,
+    aggregates) of the segments in key order when they are not ``aggs.segments`` (the exporter
+    merges them one at a time: :func:`~stream_kpis.core.kpis.merged_segments`)."""
     matcher_keys = [f"{lexicon}\t{term}" for lexicon, terms in settings.lexicons.items()
                     for term in terms]
     options = {"bucket_ms": settings.bucket_ms, "windows": settings.window_labels,
@@ -512,7 +515,9 @@ def evaluate_kpis(settings: Settings, aggs: Aggregates, K: int,
                                              churn_history=churn_history, **options)
     if churn_history is not None:
         churn_history[K] = now_churn
-    records += _segment_records(settings, aggs, K, options)
+    if segments is None:
+        segments = sorted(aggs.segments.items())
+    records += _segment_records(settings, segments, K, options)
     records += cohort_records(aggs, K, settings.bucket_ms, settings.cohorts, settings.cohort_ages)
     if settings.clv and clv_model is not None:
         records += clv_model.records(aggs.clv, K)
@@ -524,18 +529,18 @@ _SEGMENT_KPIS = {kind: frozenset(k.name for k in CATALOGUE if k.segment == kind)
                  for kind in ("member", "order")}
 
 
-def _segment_records(settings: Settings, aggs: Aggregates, K: int, options: dict[str, Any]
-                     ) -> list[dict[str, Any]]:
-    """The SPEC 4.2 records of every value of every configured dimension, labelled with it.
+def _segment_records(settings: Settings, segments: Iterable[tuple[str, Aggregates]], K: int,
+                     options: dict[str, Any]) -> list[dict[str, Any]]:
+    """The SPEC 4.2 records of every value of every configured dimension, labelled with it,
+    from the (key, aggregates) of the segments in key order.
 
     A member dimension's value is reported while some member has it; an order dimension's
     once some purchase had it."""
     out: list[dict[str, Any]] = []
-    for key in sorted(aggs.segments):
+    for key, segment in segments:
         dimension, value = key.split("\t", 1)
         if dimension not in settings.segments:
             continue
-        segment = aggs.segments[key]
         kind = "member" if dimension in MEMBER_DIMENSIONS else "order"
         if kind == "member" and segment.totals["members"] <= 0:
             continue
