@@ -13,7 +13,7 @@ import datetime
 import heapq
 import re
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import accumulate, groupby
 from operator import itemgetter, sub
 from typing import Any
@@ -341,17 +341,21 @@ class Aggregates:
     def merge(self, other: Aggregates) -> None:
         self._merge_parts(other._parts(), dict.items)
 
-    def merge_bytes(self, data: bytes, segments: bool = True) -> None:
+    def merge_bytes(self, data: bytes) -> None:
         """Add the aggregates encoded by :meth:`to_bytes` (format 3, 2 or 1) without building
         them first: what an exporter needs to hold is the total, not every partition's part,
-        and with format 3 it decodes one segment at a time, never the whole partial. Without
-        ``segments`` their lines are not even read (see :func:`merged_segments`)."""
+        and with format 3 it decodes one segment at a time, never the whole partial."""
+        for key, parts, items in self.merge_head(data):
+            self._merge_segment(key, parts, items)
+
+    def merge_head(self, data: bytes) -> Iterator[tuple[str, Any, Callable[[Any], Iterable]]]:
+        """Add the aggregates encoded by :meth:`to_bytes` without their segments, and return
+        the segments: (key, encoded segment, how its histograms give (key, value) pairs) in key
+        order, each decoded only when the iterator gets to it (see :func:`merged_segments`)."""
         head, items = _decode_head(data)
         inside = head.pop("segments", {})  # formats 1 and 2
         self._merge_parts(head, items)
-        if segments:
-            for key, parts in _segment_parts(data, inside):
-                self._merge_segment(key, parts, items)
+        return ((key, parts, items) for key, parts in _segment_parts(data, inside))
 
     def _parts(self) -> dict[str, Any]:
         """The parts in the shape :meth:`_to_dict` encodes, as dicts (see _merge_parts)."""
@@ -470,19 +474,15 @@ def _segment_parts(data: bytes, inside: Mapping[str, Any]) -> Iterator[tuple[str
         start = end
 
 
-def merged_segments(encoded: Sequence[bytes]) -> Iterator[tuple[str, Aggregates]]:
-    """The segments of several encoded aggregates (:meth:`Aggregates.to_bytes`, e.g. every
-    partition's partial), summed, one segment at a time in key order: the segments of
-    :meth:`Aggregates.merge_bytes` of them all, while holding one decoded segment per input
-    and one sum instead of the merged segments of every value (which :func:`evaluate_kpis`
-    reads one at a time anyway)."""
-    def stream(data: bytes) -> Iterator[tuple[str, Any, Callable[[Any], Iterable]]]:
-        head, items = _decode_head(data)
-        for key, parts in _segment_parts(data, head.get("segments", {})):
-            yield key, parts, items
-
+def merged_segments(streams: Iterable[Iterator[tuple[str, Any, Callable[[Any], Iterable]]]]
+                    ) -> Iterator[tuple[str, Aggregates]]:
+    """The segments of several encoded aggregates (e.g. every partition's partial), given by
+    what :meth:`Aggregates.merge_head` returned for each, summed one segment at a time in key
+    order: the segments :meth:`Aggregates.merge_bytes` of them all would give, while holding
+    one decoded segment per input and one sum instead of every merged segment (which
+    :func:`evaluate_kpis` reads one at a time anyway)."""
     first = itemgetter(0)
-    for key, group in groupby(heapq.merge(*map(stream, encoded), key=first), key=first):
+    for key, group in groupby(heapq.merge(*streams, key=first), key=first):
         segment = Aggregates()
         for _, parts, items in group:
             segment._merge_parts(parts, items)

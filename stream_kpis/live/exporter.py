@@ -79,11 +79,9 @@ class Exporter:
         time into the total, and the segments summed one at a time as they are asked for
         (:func:`merged_segments`): the exporter holds the published bytes, their decompressed
         JSON and one total, never a decoded copy per partition nor every merged segment."""
-        encoded = [parse_partial(value)[2] for value in self.raw.values()]
         total = Aggregates()
-        for data in encoded:
-            total.merge_bytes(data, segments=False)
-        return total, merged_segments(encoded)
+        segments = [total.merge_head(parse_partial(value)[2]) for value in self.raw.values()]
+        return total, merged_segments(segments)
 
     def evaluate(self) -> list[dict[str, Any]]:
         """The KPI records, or [] when neither a partial nor the as-of bucket changed."""
