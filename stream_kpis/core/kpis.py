@@ -522,10 +522,7 @@ def _columns(hist: Mapping[int, float]) -> list[list]:
 
 
 def _column_items(columns: list[list]) -> Iterable[tuple[int, float]]:
-    """The (key, value) pairs of a [key deltas, values] histogram; the keys are the shared
-    bucket ints (as in the worker's histograms: a merged total keeps no int per entry)."""
-    keys = list(accumulate(columns[0]))
-    return zip(map(shared_key, keys, keys), columns[1], strict=True)
+    return zip(accumulate(columns[0]), columns[1], strict=True)
 
 
 def _merge_items(mine: dict, theirs: Iterable) -> None:
