@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from .events import ENROLLMENT, PURCHASE, REDEMPTION, Event
+from .jsonbytes import dumps
 
 __all__ = ["MemberState", "LotChanges", "allocate_points", "UNKNOWN", "ACTIVE", "AT_RISK",
            "CHURNED"]
@@ -286,7 +287,7 @@ class MemberState:
     # persistence: a compact list, orjson-encoded, for the state log and the local stores
     def to_bytes(self) -> bytes:
         """The fields in slot order as a JSON array (one C call gathers them all)."""
-        return orjson.dumps(_slot_values(self))
+        return dumps(_slot_values(self))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MemberState:

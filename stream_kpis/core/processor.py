@@ -16,6 +16,7 @@ import orjson
 
 from .catalogue import CATALOGUE, MEMBER_DIMENSIONS, ORDER_DIMENSIONS
 from .events import ENROLLMENT, PURCHASE, REDEMPTION, SURVEY, Event
+from .jsonbytes import dumps
 from .kpis import (
     LAST_TOUCH,
     Aggregates,
@@ -90,7 +91,10 @@ class Processor:
         self.churn_history: dict[int, dict[int, tuple[int, int]]] = {}
         self.max_ts: int | None = None
         self.K: int | None = None  # as-of bucket the member statuses were last evaluated at
+        # last-touch bucket -> members, for the status signals as K passes it; only buckets
+        # after K - churn horizon (see forget_churned)
         self.touch_index: dict[int, set[str]] = {}
+        self.forgotten_upto: int | None = None  # touch buckets at or before it were dropped
         self.expiry_index: dict[int, set[str]] = {}
         self.applied = 0
         self.duplicates = 0
@@ -204,8 +208,11 @@ class Processor:
         touch = new_view[LAST_TOUCH]
         if touch != old_touch:
             if old_touch is not None:
-                self.touch_index[old_touch].discard(member_id)
-            self.touch_index.setdefault(touch, set()).add(member_id)
+                indexed = self.touch_index.get(old_touch)
+                if indexed is not None:  # else forgotten: churned (forget_churned)
+                    indexed.discard(member_id)
+            if self.forgotten_upto is None or touch > self.forgotten_upto:
+                self.touch_index.setdefault(touch, set()).add(member_id)
             # an active member touched within the at-risk horizon stays active: skip the check
             if state.status != ACTIVE or self.K is None or touch <= self.K - self.settings.at_risk:
                 self._update_status(member_id, state)
@@ -385,7 +392,24 @@ class Processor:
         for bucket in expiry_buckets:
             for member_id in list(self.expiry_index.get(bucket, ())):
                 self._expiry_notices(member_id, self.members[member_id], K)
+        self.forget_churned()
         self.trim_history()
+
+    def forget_churned(self) -> None:
+        """Drop the touch index's buckets at or before K - churn horizon. Their members are
+        churned and were told so when K passed their bucket; they stay churned until their next
+        event, which indexes them again, and no later move of K reads these buckets, so the
+        index holds the members touched within the churn horizon instead of every member."""
+        if self.K is None:
+            return
+        upto = self.K - self.settings.churn_horizon
+        index, after = self.touch_index, self.forgotten_upto
+        if after is not None and upto <= after:
+            return
+        for bucket in ([b for b in index if b <= upto] if after is None
+                       else self._newly_passed(index, after, upto)):
+            del index[bucket]
+        self.forgotten_upto = upto
 
     def history_floor(self, K: int) -> int:
         """The floor of the aggregates as of K: a function of K alone (a recovered partition
@@ -490,10 +514,13 @@ class Processor:
 
 def evaluate_kpis(settings: Settings, aggs: Aggregates, K: int,
                   churn_history: dict[int, dict[int, tuple[int, int]]] | None = None,
-                  clv_model: Any = None) -> list[dict[str, Any]]:
+                  clv_model: Any = None,
+                  segments: Iterable[tuple[str, Aggregates]] | None = None) -> list[dict[str, Any]]:
     """All KPI records as of K for these settings; records K's churn snapshot in the history.
     With CLV on, ``clv_model`` (a :class:`~stream_kpis.core.predictive.ClvModel`) gives the
-    SPEC 4.4 records and keeps its fit between evaluations."""
+    SPEC 4.4 records and keeps its fit between evaluations. ``segments`` are the (key,
+    aggregates) of the segments in key order when they are not ``aggs.segments`` (the exporter
+    merges them one at a time: :func:`~stream_kpis.core.kpis.merged_segments`)."""
     matcher_keys = [f"{lexicon}\t{term}" for lexicon, terms in settings.lexicons.items()
                     for term in terms]
     options = {"bucket_ms": settings.bucket_ms, "windows": settings.window_labels,
@@ -503,7 +530,9 @@ def evaluate_kpis(settings: Settings, aggs: Aggregates, K: int,
                                              churn_history=churn_history, **options)
     if churn_history is not None:
         churn_history[K] = now_churn
-    records += _segment_records(settings, aggs, K, options)
+    if segments is None:
+        segments = sorted(aggs.segments.items())
+    records += _segment_records(settings, segments, K, options)
     records += cohort_records(aggs, K, settings.bucket_ms, settings.cohorts, settings.cohort_ages)
     if settings.clv and clv_model is not None:
         records += clv_model.records(aggs.clv, K)
@@ -515,18 +544,18 @@ _SEGMENT_KPIS = {kind: frozenset(k.name for k in CATALOGUE if k.segment == kind)
                  for kind in ("member", "order")}
 
 
-def _segment_records(settings: Settings, aggs: Aggregates, K: int, options: dict[str, Any]
-                     ) -> list[dict[str, Any]]:
-    """The SPEC 4.2 records of every value of every configured dimension, labelled with it.
+def _segment_records(settings: Settings, segments: Iterable[tuple[str, Aggregates]], K: int,
+                     options: dict[str, Any]) -> list[dict[str, Any]]:
+    """The SPEC 4.2 records of every value of every configured dimension, labelled with it,
+    from the (key, aggregates) of the segments in key order.
 
     A member dimension's value is reported while some member has it; an order dimension's
     once some purchase had it."""
     out: list[dict[str, Any]] = []
-    for key in sorted(aggs.segments):
+    for key, segment in segments:
         dimension, value = key.split("\t", 1)
         if dimension not in settings.segments:
             continue
-        segment = aggs.segments[key]
         kind = "member" if dimension in MEMBER_DIMENSIONS else "order"
         if kind == "member" and segment.totals["members"] <= 0:
             continue
@@ -584,7 +613,7 @@ class PartitionStore:
                     if values:
                         segments[key] = values
             record["segments"] = segments
-        return orjson.dumps(record)
+        return dumps(record)
 
     @staticmethod
     def load_bucket(processor: Processor, bucket: int, data: bytes) -> None:

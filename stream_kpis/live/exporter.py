@@ -18,15 +18,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from ..core import evaluate_kpis
-from ..core.kpis import KPI_TOPICS, Aggregates
+from ..core.kpis import KPI_TOPICS, Aggregates, merged_segments
 from ..settings import Settings
+from .allocator import release_free_memory
 from .kafka_log import aiokafka_config, partials_topic
 from .kafka_tools import MAX_RECORD_BYTES
 from .partition import parse_partial, partial_max_ts
@@ -73,13 +74,14 @@ class Exporter:
         stamps = [max_ts for max_ts in map(partial_max_ts, self.raw.values()) if max_ts is not None]
         return max(stamps) // self.settings.bucket_ms if stamps else None
 
-    def merged(self) -> Aggregates:
-        """The sum of every partition's partial, decoded one at a time into the total (the
-        exporter holds the published bytes and one total, not a decoded copy per partition)."""
+    def merged(self) -> tuple[Aggregates, Iterator[tuple[str, Aggregates]]]:
+        """The sum of every partition's partial without its segments, decoded one partial at a
+        time into the total, and the segments summed one at a time as they are asked for
+        (:func:`merged_segments`): the exporter holds the published bytes, their decompressed
+        JSON and one total, never a decoded copy per partition nor every merged segment."""
         total = Aggregates()
-        for value in self.raw.values():
-            total.merge_bytes(parse_partial(value)[2])
-        return total
+        segments = [total.merge_head(parse_partial(value)[2]) for value in self.raw.values()]
+        return total, merged_segments(segments)
 
     def evaluate(self) -> list[dict[str, Any]]:
         """The KPI records, or [] when neither a partial nor the as-of bucket changed."""
@@ -90,8 +92,12 @@ class Exporter:
         if state == self.last_state:
             return []
         self.last_state = state
-        merged = self.merged()
-        return evaluate_kpis(self.settings, merged, K, self.churn_history, self.clv_model)
+        total, segments = self.merged()
+        records = evaluate_kpis(self.settings, total, K, self.churn_history, self.clv_model,
+                                segments)
+        del total, segments
+        release_free_memory()  # the merged total is gone: its pages go back to the system
+        return records
 
     def history_record(self) -> bytes:
         recent = sorted(self.churn_history.items())[-_HISTORY_KEEP:]

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from ..core.events import EventParser
 from ..settings import Settings
+from .allocator import release_free_memory
 from .partition import Commit, InputRecord, PartitionTask
 from .store import LocalStore
 
@@ -190,6 +191,8 @@ class Ingest:
                     commits.append(commit)
             if commits:
                 await asyncio.gather(*(self._commit(commit) for commit in commits))
+            if partial_due:  # the JSON the partials were made from is gone
+                release_free_memory()
             if self.metrics is not None and records:
                 self.metrics.observe_batch(self.clock() - now)
                 for partition in records:

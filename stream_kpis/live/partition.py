@@ -35,6 +35,7 @@ import orjson
 
 from ..core import PartitionStore, Processor, member_status
 from ..core.events import DeadLetter, EventParser
+from ..core.jsonbytes import dumps
 from ..core.member import MemberState
 from ..settings import Settings
 from .store import LocalStore
@@ -231,6 +232,7 @@ class PartitionTask:
             processor.K = processor.max_ts // self.settings.bucket_ms
         if self.settings.clock == "wall":
             processor.K = int(time.time() * 1000) // self.settings.bucket_ms
+        processor.forget_churned()
         processor.trim_history()
         self.published_version = -1 if processor.max_ts is not None else 0
 
@@ -259,7 +261,7 @@ class PartitionTask:
                 item = DeadLetter("wrong_key", WRONG_KEY_DETAIL, value)
             if item.__class__ is DeadLetter:
                 item.topic, item.partition, item.offset = topic, record.partition, record.offset
-                commit.dead_letters.append((record.key, orjson.dumps(item.to_record())))
+                commit.dead_letters.append((record.key, dumps(item.to_record())))
                 outcome = "dead_letter:" + item.reason
             else:
                 outcome = self.processor.process(item)
@@ -319,6 +321,6 @@ class PartitionTask:
         self.log_end = log_end
 
     def _signal(self, signal: dict[str, Any]) -> None:
-        self.signals.append((signal["member_id"].encode(), orjson.dumps(signal)))
+        self.signals.append((signal["member_id"].encode(), dumps(signal)))
         self.signal_counts[signal["signal"]] = self.signal_counts.get(signal["signal"], 0) + 1
 

@@ -231,3 +231,44 @@ def test_batches_give_what_one_event_at_a_time_gives(events, validity, cuts, seg
     assert signals == one_by_one
     if got.K is not None:
         assert got.evaluate() == expected.evaluate()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=streams, validity=st.none() | st.integers(2, 12),
+       clock=st.lists(st.integers(0, 60), max_size=6), seed=st.randoms())
+def test_forgetting_churned_members_changes_no_signal_or_state(events, validity, clock, seed):
+    """The touch index drops members churned since (Processor.forget_churned): every signal,
+    member state and KPI equals those of a Processor that indexes every member, in any arrival
+    order (late events re-touch forgotten members) and with the clock moved between events;
+    and the index holds no bucket at or before K - churn horizon."""
+    config = _settings(validity)
+    shuffled = list(events)
+    seed.shuffle(shuffled)
+    parsed = _parsed(shuffled)
+    got_signals: list = []
+    expected_signals: list = []
+    got = Processor(config, on_signal=got_signals.append)
+    expected = Processor(config, on_signal=expected_signals.append)
+    expected.forget_churned = lambda: None  # indexes every member
+    moves = {n % (len(parsed) + 1): BASE // HOUR + hours for n, hours in enumerate(clock)}
+    for i, item in enumerate([*parsed, None]):
+        if i in moves:
+            got.advance(moves[i])
+            expected.advance(moves[i])
+        if item is not None:
+            got.process(item)
+            expected.process(item)
+    assert got_signals == expected_signals
+    assert {m: s.to_bytes() for m, s in got.members.items()} == \
+        {m: s.to_bytes() for m, s in expected.members.items()}
+    if got.forgotten_upto is None:
+        assert got.touch_index == expected.touch_index
+    else:
+        assert got.forgotten_upto == got.K - config.churn_horizon
+        assert all(b > got.forgotten_upto for b in got.touch_index)
+        assert got.touch_index == {b: m for b, m in expected.touch_index.items()
+                                   if b > got.forgotten_upto}
+    if got.K is not None:
+        assert got.evaluate() == expected.evaluate()
+        event("forgot some" if any(b <= got.K - config.churn_horizon
+                                   for b in expected.touch_index) else "forgot none")

@@ -545,6 +545,41 @@ def _slots(aggs) -> dict:
         "segments": {key: _slots(segment) for key, segment in aggs.segments.items()}}
 
 
+def test_segments_merged_one_at_a_time_equal_those_of_the_merged_partials(make_settings):
+    """merged_segments (the exporter's way) gives the segments of merging whole partials, in
+    key order, also with a partial of an earlier format among them, and the same records."""
+    import zlib
+
+    from stream_kpis.core.kpis import Aggregates, merged_segments
+
+    settings = make_settings(windows=(3,), segments=["tier", "enrollment_channel", "home_store",
+                                                     "channel", "store_id"], cohorts=3)
+    partitions = [Processor(settings) for _ in range(3)]
+    for n, raw in enumerate(_long_stream(60)):
+        if raw["type"] == "purchase":
+            raw = {**raw, "store_id": f"s{n % 4}", "channel": "web" if n % 3 else "store"}
+        key = (raw.get("member_id") or raw["event_id"]).encode()
+        feed(partitions[zlib.crc32(key) % 3], [raw])
+    encoded = [p.aggs.to_bytes() for p in partitions]
+    encoded[1] = orjson.dumps({"format": 2, **partitions[1].aggs._to_dict()})  # an older worker
+    whole = Aggregates()
+    for data in encoded:
+        whole.merge_bytes(data)
+    assert len({frozenset(p.aggs.segments) for p in partitions}) > 1  # not all in every partial
+    total = Aggregates()
+    streams = [total.merge_head(data) for data in encoded]
+    assert not total.segments
+    assert _slots(total) == _slots(whole) | {"segments": {}}
+    got = list(merged_segments(streams))
+    assert [key for key, _ in got] == sorted(whole.segments)
+    assert {key: _slots(segment) for key, segment in got} == _slots(whole)["segments"]
+    K = max(p.as_of_bucket() for p in partitions)
+    total = Aggregates()
+    records = evaluate_kpis(settings, total, K, segments=merged_segments(
+        [total.merge_head(data) for data in encoded]))
+    assert records == evaluate_kpis(settings, whole, K)
+
+
 def test_aggregates_round_trip_and_the_format_1_partials_of_earlier_versions_still_load(
         make_settings):
     from stream_kpis.core.kpis import Aggregates
@@ -552,7 +587,16 @@ def test_aggregates_round_trip_and_the_format_1_partials_of_earlier_versions_sti
     settings = make_settings(windows=(3,), segments=["tier", "store_id"], cohorts=3,
                              lexicons={"friction": ["slow"]})
     aggs = feed(Processor(settings), _long_stream(12)).aggs
-    assert _slots(Aggregates.from_bytes(aggs.to_bytes())) == _slots(aggs)
+    data = aggs.to_bytes()
+    assert _slots(Aggregates.from_bytes(data)) == _slots(aggs)
+    # format 3: a line without the segments, then a line per segment (decoded one at a time)
+    lines = data.split(b"\n")
+    assert "segments" not in orjson.loads(lines[0]) and len(aggs.segments) > 1
+    assert sorted(orjson.loads(line)[0] for line in lines[1:]) == sorted(aggs.segments)
+    # format 2, written before format 3: one JSON document with the segments inside
+    format_2 = orjson.dumps({"format": 2, **aggs._to_dict()})
+    assert b"\n" not in format_2
+    assert _slots(Aggregates.from_bytes(format_2)) == _slots(aggs)
     # format 1, written before format 2: histograms as [[key, value], ...] pairs
     one = Aggregates()
     one.move_member(None, (3, 5, 5, None, 5, None, 5, 5, "web", "gold"))

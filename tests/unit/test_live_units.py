@@ -46,6 +46,26 @@ def test_store_writes_atomically_with_its_offset_and_survives_reopening(tmp_path
     store.close()
 
 
+def test_rocks_stores_share_one_block_cache(tmp_path):
+    """The stores of a process read through one block cache (store.BLOCK_CACHE_BYTES), not
+    one each: what one store's reads put there, every store's cache usage shows."""
+    from stream_kpis.live.store import BLOCK_CACHE_BYTES
+
+    reader, idle = RocksStore(tmp_path / "p0"), RocksStore(tmp_path / "p1")
+    records = [(b"m:%06d" % i, b"x" * 200) for i in range(5000)]
+    reader.write(records, 1)
+    reader.db.flush()  # to a file: reads now go through the block cache
+    for key, value in records:
+        assert reader.get(key) == value
+
+    def usage(store):
+        return store.db.property_int_value("rocksdb.block-cache-usage")
+
+    assert 0 < usage(reader) == usage(idle) <= BLOCK_CACHE_BYTES
+    reader.close()
+    idle.close()
+
+
 def test_partial_round_trip():
     value = partial_value(1_700_000_000_000, {"a": 3, "b": 4}, b"AGGS|with|bars")
     assert parse_partial(value) == (1_700_000_000_000, 7, b"AGGS|with|bars")
