@@ -28,7 +28,7 @@ from ..core import evaluate_kpis
 from ..core.kpis import KPI_TOPICS, Aggregates, merged_segments
 from ..settings import Settings
 from .allocator import release_free_memory
-from .kafka_log import aiokafka_config, partials_topic
+from .kafka_log import aiokafka_config, exporter_group, partials_topic
 from .kafka_tools import MAX_RECORD_BYTES
 from .partition import parse_partial, partial_max_ts
 
@@ -152,7 +152,7 @@ class ExporterConsumer:
         self.producer = AIOKafkaProducer(**config, linger_ms=5)
         await self.producer.start()
         consumer = self.consumer = AIOKafkaConsumer(
-            **config, group_id=f"{self.settings.app_id}-exporter", enable_auto_commit=False,
+            **config, group_id=exporter_group(self.settings), enable_auto_commit=False,
             isolation_level="read_committed", auto_offset_reset="earliest",
             fetch_max_wait_ms=100, session_timeout_ms=10_000, heartbeat_interval_ms=3_000,
             max_partition_fetch_bytes=MAX_RECORD_BYTES, fetch_max_bytes=MAX_RECORD_BYTES)

@@ -25,7 +25,8 @@ from .ingest import Fenced, Ingest
 from .kafka_tools import MAX_RECORD_BYTES, connection_config
 from .partition import Commit, InputRecord
 
-__all__ = ["KafkaStateLog", "IngestConsumer", "aiokafka_config", "state_topic", "ingest_group"]
+__all__ = ["KafkaStateLog", "IngestConsumer", "aiokafka_config", "state_topic", "ingest_group",
+           "exporter_group"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,11 @@ def partials_topic(settings: Settings) -> str:
 
 def ingest_group(settings: Settings) -> str:
     return f"{settings.app_id}-ingest"
+
+
+def exporter_group(settings: Settings) -> str:
+    """The consumer group whose one partition (of the partials topic) is the exporter role."""
+    return f"{settings.app_id}-exporter"
 
 
 def aiokafka_config(settings: Settings) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream_kpis.core.events import DeadLetter, EventParser
-from stream_kpis.live.kafka_log import ingest_group
+from stream_kpis.live.kafka_log import exporter_group, ingest_group
 from stream_kpis.live.kafka_tools import _file_messages, client_config, create_topics, produce_sources
 from stream_kpis.replay import Source, replay, source_for_path
 from stream_kpis.settings import Settings, load_settings
@@ -242,6 +242,39 @@ class LiveStack:
             owned = [w.sample("stream_kpis_assigned_partitions") or 0 for w in workers]
             return sum(owned) == self.settings.partitions and all(owned)
         wait_until(balanced, timeout, "partitions assigned", self.logs_tail)
+
+    def wait_exporter_settled(self, workers: Sequence[Worker], timeout: float = 90) -> Worker:
+        """Until the exporter group is stable with a member for each of ``workers`` and exactly
+        one of them exports: its role flag set and its ``loyalty_*`` gauges published, the
+        others' neither. Returns that worker.
+
+        The role moves with a rebalance of its own group, which each worker joins on its own,
+        so it can settle after the ingest group has (``wait_assigned``) and after the final KPIs
+        are on their topics (``wait_for_kpis``: an earlier exporter may have published them).
+        Until then a handover legitimately has a moment with no exporter: the new one announces
+        the role once it has read the partials, and its gauges follow its first evaluation."""
+        from kafka import KafkaAdminClient
+
+        group = exporter_group(self.settings)
+
+        def stable_group() -> bool:
+            admin = KafkaAdminClient(**client_config(self.settings))
+            try:
+                info = admin.describe_groups([group])[group]
+            finally:
+                admin.close()
+            return info["group_state"] == "Stable" and len(info["members"]) == len(workers)
+
+        def one_exporter() -> bool:
+            roles = [w.sample("stream_kpis_global_exporter") for w in workers]
+            gauges = [w.sample("loyalty_members") is not None for w in workers]
+            return sorted(roles) == [0.0] * (len(workers) - 1) + [1.0] and gauges == [
+                role == 1.0 for role in roles]
+
+        wait_until(stable_group, timeout, f"{len(workers)} members in {group}", self.logs_tail,
+                   interval=1.0)
+        wait_until(one_exporter, timeout, "one exporter with its gauges", self.logs_tail)
+        return next(w for w in workers if w.sample("stream_kpis_global_exporter") == 1.0)
 
     def file_messages(self, path: Path) -> list[tuple[str, bytes | None, bytes]]:
         """(topic, key, value) of every line of a file, as ``stream-kpis produce`` sends them."""

@@ -138,6 +138,7 @@ def test_kill9_of_one_of_two_workers_then_a_third_joins(tmp_path, kafka_bootstra
 
         live = stack.live_workers()
         assert live == [survivor, newcomer]
+        stack.wait_exporter_settled(live)
         assert sum(w.sample("stream_kpis_global_exporter") for w in live) == 1
         assert sum(w.sample("loyalty_members") is not None for w in live) == 1
         # the newcomer's partitions arrived with their members (from the changelog)

@@ -159,6 +159,7 @@ def test_two_workers_give_the_same_kpis_as_one(tmp_path, kafka_bootstrap, stream
             time.sleep(0.5)
         stack.produce([stream_file])
         stack.wait_for_kpis(expected_kpis(stream_file, stack.settings))
+        stack.wait_exporter_settled([first, second])
         exporters = [w.sample("stream_kpis_global_exporter") for w in (first, second)]
         assert sorted(exporters) == [0.0, 1.0], exporters
         applied = [sum(float(line.rsplit(" ", 1)[1]) for line in w.metrics().splitlines()
