@@ -186,7 +186,10 @@ class ExporterConsumer:
         records = await asyncio.to_thread(exporter.evaluate)
         self.last_emit = time.monotonic()
         self.last_evaluation_s = self.last_emit - started
-        if not records:
+        if not records or self.exporter is not exporter:
+            # nothing new, or the role was lost (or taken anew) during the evaluation: the
+            # exporter that holds it now publishes, and records of this older evaluation
+            # published after its own would make the KPI topics go back in time
             return
         topics = self.settings.topics.kpi_topics()
         producer = self.producer

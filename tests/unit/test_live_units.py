@@ -70,3 +70,49 @@ def test_partial_round_trip():
     value = partial_value(1_700_000_000_000, {"a": 3, "b": 4}, b"AGGS|with|bars")
     assert parse_partial(value) == (1_700_000_000_000, 7, b"AGGS|with|bars")
     assert parse_partial(partial_value(None, {}, b""))[:2] == (None, 0)
+
+
+class _SentRecords:
+    """Stands in for the exporter's AIOKafkaProducer: keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None,
+                   partition: int | None = None) -> None:
+        self.sent.append((topic, key))
+
+
+@pytest.mark.parametrize("role_lost", [False, True])
+def test_an_emission_whose_role_was_lost_meanwhile_publishes_nothing(role_lost):
+    """The evaluation runs on a thread while the consumer group may move the exporter role: an
+    exporter that lost it meanwhile must not publish its (older) records after the new
+    exporter's, nor set its gauges; one that kept it publishes the records and the history."""
+    import asyncio
+
+    from stream_kpis.core.kpis import KPI_TOPICS
+    from stream_kpis.live.exporter import HISTORY_KEY, Exporter, ExporterConsumer
+    from stream_kpis.settings import Settings
+
+    settings = Settings()
+    published: list[list[dict]] = []
+    roles: list[bool] = []
+    owner = ExporterConsumer(settings, published.append, roles.append)
+    owner.producer = _SentRecords()
+    kpi = next(iter(KPI_TOPICS))
+    records = [{"kpi": kpi, "window": None, "value": 1.0}]
+
+    class Evaluated(Exporter):
+        def evaluate(self) -> list[dict]:
+            if role_lost:
+                owner.set_role(False)  # a rebalance revoked the partials partition meanwhile
+            return records
+
+    exporter = owner.exporter = Evaluated(settings)
+    asyncio.run(owner._emit(exporter))
+    if role_lost:
+        assert owner.producer.sent == [] and published == [] and roles == [False]
+    else:
+        kpi_topic = settings.topics.kpi_topics()[KPI_TOPICS[kpi]]
+        assert owner.producer.sent == [(kpi_topic, kpi.encode()), (owner.topic, HISTORY_KEY)]
+        assert published == [records] and roles == []
