@@ -3,9 +3,10 @@
 Python's cyclic garbage collector runs a young-generation pass every 700 container allocations
 and an older-generation pass every 10 of those. A worker or a replay allocates several short-lived
 containers per event (events, tuples, dicts) while holding millions of long-lived ones (member
-states, histograms), and those passes were 8-11% of a replay's CPU time
-(``benchmarks/gc_thresholds.py``). Almost nothing here forms reference cycles, so passes that
-run 100x less often free the same memory, later.
+states, histograms), and those passes were 6-11% of a replay's CPU time before replay froze its
+state between batches (``benchmarks/gc_thresholds.py``; ~4% since) and showed up in the worker's
+profile, which does not freeze. Almost nothing here forms reference cycles, so passes that run
+100x less often free the same memory, later.
 """
 
 from __future__ import annotations
