@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.replay import DEFAULT_MEMBERS, generate_file  # noqa: E402
+from benchmarks.replay import add_file_arguments, file_of  # noqa: E402
 from stream_kpis.runtime import GC_THRESHOLDS  # noqa: E402
 
 SETTINGS = {"python defaults": None, f"tuned {GC_THRESHOLDS}": GC_THRESHOLDS}
@@ -44,10 +44,8 @@ def measure_one(path: Path, thresholds: tuple[int, ...] | None) -> tuple[float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--members", type=int, default=DEFAULT_MEMBERS)
-    parser.add_argument("--days", type=int, default=90)
+    add_file_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--file", type=Path, default=None, help="use this JSONL file instead")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:  # one measurement, in a fresh process
@@ -55,7 +53,7 @@ def main() -> None:
         print(f"{seconds} {lines}")
         return
 
-    path = args.file or generate_file(args.members, args.days)
+    path = file_of(args)
     per_event: dict[str, list[float]] = {name: [] for name in SETTINGS}
     for _ in range(args.rounds):
         for name in SETTINGS:

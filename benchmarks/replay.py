@@ -38,8 +38,8 @@ from stream_kpis.generate import GeneratorConfig, write_jsonl
 from stream_kpis.replay import BATCH_EVENTS, load_sources, read_csv_rows, replay, source_for_path
 from stream_kpis.settings import Settings, load_settings
 
-__all__ = ["BASELINE", "CSV_BASELINE", "ReplayMeasurement", "best_of", "generate_file",
-           "generate_csv", "measure", "measure_csv"]
+__all__ = ["BASELINE", "CSV_BASELINE", "ReplayMeasurement", "add_file_arguments", "best_of",
+           "file_of", "generate_file", "generate_csv", "measure", "measure_csv"]
 
 #: The what of the baseline rows.
 BASELINE = "baseline: read file + orjson.loads"
@@ -70,6 +70,19 @@ class ReplayMeasurement:
     applied: int
     duplicates: int
     dead_letters: int
+
+
+def add_file_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--members``, ``--days`` and ``--file``: the JSONL file a benchmark replays (see
+    :func:`file_of`)."""
+    parser.add_argument("--members", type=int, default=DEFAULT_MEMBERS)
+    parser.add_argument("--days", type=int, default=90)
+    parser.add_argument("--file", type=Path, default=None, help="use this JSONL file instead")
+
+
+def file_of(args: argparse.Namespace) -> Path:
+    """The ``--file`` given, or one generated with ``--members`` over ``--days``."""
+    return args.file or generate_file(args.members, args.days)
 
 
 def generate_file(members: int, days: int, directory: Path | None = None) -> Path:
@@ -304,14 +317,12 @@ def print_table(result: ReplayMeasurement) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--members", type=int, default=DEFAULT_MEMBERS)
-    parser.add_argument("--days", type=int, default=90)
+    add_file_arguments(parser)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--file", type=Path, default=None, help="use this JSONL file instead")
     parser.add_argument("--only", choices=("jsonl", "csv"), default=None)
     args = parser.parse_args()
 
-    path = args.file or generate_file(args.members, args.days)
+    path = file_of(args)
     print(f"{path}: {path.stat().st_size / 1e6:.0f} MB")
     if args.only != "csv":
         print_table(measure(path, args.repeat))
