@@ -5,6 +5,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+# pip builds the native fast paths (native/) with cargo: rustup's, when it is not on the PATH
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: setup deps demo test test-unit soak bench charts services-up services-down lint clean
 
@@ -14,7 +16,7 @@ setup: deps $(VENV)/.installed
 deps:
 	deploy/local/install-deps.sh
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml native/Cargo.toml native/Cargo.lock $(wildcard native/src/*.rs)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

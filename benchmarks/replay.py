@@ -19,9 +19,11 @@ runs, not the absolute numbers. ``benchmarks/run.py`` runs the same measurements
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import io
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,8 +36,9 @@ import orjson
 
 from stream_kpis.core import Processor
 from stream_kpis.core.events import Event, EventParser
+from stream_kpis.core.native import NATIVE_ENV, native_module, native_status
 from stream_kpis.generate import GeneratorConfig, write_jsonl
-from stream_kpis.replay import BATCH_EVENTS, load_sources, read_csv_rows, replay, source_for_path
+from stream_kpis.replay import BATCH_EVENTS, load_sources, read_csv_rows, read_source, replay, source_for_path
 from stream_kpis.settings import Settings, load_settings
 
 __all__ = ["BASELINE", "CSV_BASELINE", "ReplayMeasurement", "add_file_arguments", "best_of",
@@ -70,6 +73,35 @@ class ReplayMeasurement:
     applied: int
     duplicates: int
     dead_letters: int
+
+
+@contextlib.contextmanager
+def pure_python() -> Any:
+    """The native fast paths off (as STREAM_KPIS_NATIVE=0) for what runs inside."""
+    before = os.environ.get(NATIVE_ENV)
+    os.environ[NATIVE_ENV] = "0"
+    native_module.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[NATIVE_ENV]
+        else:
+            os.environ[NATIVE_ENV] = before
+        native_module.cache_clear()
+
+
+def _native_rows(what: str, items: int, baseline: str, repeat: int, run: Callable[[], Any]
+                 ) -> tuple[list[tuple[str, int, float, str | None]], Any]:
+    """``what`` measured with the native fast paths as built, then in pure Python: two rows
+    (one row when they are not built), and the result of a run as built."""
+    t_default, result = best_of(repeat, run)
+    rows = [(f"{what}{', native' if native_module() else ''}", items, t_default, baseline)]
+    if native_module() is not None:
+        with pure_python():
+            t_pure, _ = best_of(repeat, run)
+        rows.append((f"{what}, pure Python ({NATIVE_ENV}=0)", items, t_pure, baseline))
+    return rows, result
 
 
 def add_file_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,13 +194,14 @@ def measure(path: Path, repeat: int = 3) -> ReplayMeasurement:
     t_validate, _ = best_of(repeat, lambda: [validate(obj, b"") for obj in decoded])
     rows.append(("validate: EventParser.validate (decoded lines)", len(decoded), t_validate,
                  BASELINE))
-    t_both, _ = best_of(repeat, lambda: [event_parser.parse(line) for line in lines])
-    rows.append(("parse + validate (EventParser.parse)", n, t_both, BASELINE))
+    rows += _native_rows("parse + validate (EventParser.parse)", n, BASELINE, repeat,
+                         lambda: [EventParser().parse(line) for line in lines])[0]
     events = [e for e in (event_parser.parse(line) for line in lines) if isinstance(e, Event)]
     core_rows, processor = _core_rows(events, settings, repeat, BASELINE)
     rows += core_rows
-    t_replay, result = best_of(repeat, lambda: replay([source_for_path(path)], settings))
-    rows.append(("JSONL replay end to end (stream-kpis replay)", n, t_replay, BASELINE))
+    end_to_end, result = _native_rows("JSONL replay end to end (stream-kpis replay)", n, BASELINE,
+                                      repeat, lambda: replay([source_for_path(path)], settings))
+    rows += end_to_end
     return ReplayMeasurement(rows, n, int(processor.aggs.totals["members"]), result.applied,
                              result.duplicates, sum(result.dead_letters.values()))
 
@@ -285,6 +318,13 @@ def measure_csv(config: Path, repeat: int = 3) -> ReplayMeasurement:
     rows.append((CSV_BASELINE, n, t_base, None))
     t_map, mapped = best_of(repeat, read_and_map)
     rows.append(("CSV read + map: read_csv_rows (columns, ts_format, types)", n, t_map, CSV_BASELINE))
+
+    def read_events() -> int:
+        parser = EventParser(settings.max_event_bytes, settings.max_skew_ms)
+        return sum(1 for source in sources for _ in read_source(source, parser))
+
+    rows += _native_rows("CSV read + map + validate: replay's read_source", n, CSV_BASELINE,
+                         repeat, read_events)[0]
     validate = event_parser.validate
     t_validate, _ = best_of(repeat, lambda: [validate(row.fields, row.raw, source.type)
                                              for source, row in mapped if row.error is None])
@@ -295,22 +335,25 @@ def measure_csv(config: Path, repeat: int = 3) -> ReplayMeasurement:
     core_rows, processor = _core_rows(events, settings.with_overrides(clock="event"), repeat,
                                       CSV_BASELINE, "CSV ")
     rows += core_rows
-    t_replay, result = best_of(repeat, lambda: replay(sources, settings))
-    rows.append(("mapped CSV replay end to end, every KPI on", n, t_replay, CSV_BASELINE))
+    end_to_end, result = _native_rows("mapped CSV replay end to end, every KPI on", n,
+                                      CSV_BASELINE, repeat, lambda: replay(sources, settings))
+    rows += end_to_end
     return ReplayMeasurement(rows, n, int(processor.aggs.totals["members"]), result.applied,
                              result.duplicates, sum(result.dead_letters.values()))
 
 
 def print_table(result: ReplayMeasurement) -> None:
     rates = {what: items / seconds for what, items, seconds, _ in result.rows if items > 1}
-    print(f"\n{'what':<56} {'items':>10} {'seconds':>9} {'items/s':>12} {'us/item':>9} {'ratio':>7}")
+    width = max(len(what) for what, *_ in result.rows)
+    print(f"\n{'what':<{width}} {'items':>10} {'seconds':>9} {'items/s':>12} {'us/item':>9} {'ratio':>7}")
     for what, items, seconds, baseline in result.rows:
         if items == 1:
-            print(f"{what:<56} {'':>10} {seconds:>9.4f}")
+            print(f"{what:<{width}} {'':>10} {seconds:>9.4f}")
             continue
         rate = rates[what]
         ratio = f"{rate / rates[baseline]:.2f}x" if baseline else "1.00x"
-        print(f"{what:<56} {items:>10,} {seconds:>9.3f} {rate:>12,.0f} {1e6 / rate:>9.2f} {ratio:>7}")
+        print(f"{what:<{width}} {items:>10,} {seconds:>9.3f} {rate:>12,.0f} {1e6 / rate:>9.2f} "
+              f"{ratio:>7}")
     print(f"members {result.members:,}, applied {result.applied:,}, "
           f"duplicates {result.duplicates:,}, dead letters {result.dead_letters:,}")
 
@@ -323,7 +366,7 @@ def main() -> None:
     args = parser.parse_args()
 
     path = file_of(args)
-    print(f"{path}: {path.stat().st_size / 1e6:.0f} MB")
+    print(f"{path}: {path.stat().st_size / 1e6:.0f} MB; native fast paths {native_status()}")
     if args.only != "csv":
         print_table(measure(path, args.repeat))
     if args.only != "jsonl":

@@ -1,16 +1,17 @@
 """Where the live worker's time goes, stage by stage (issue 12), measured in one process.
 
 The worker's path for one fetch: Kafka records are read and decoded (aiokafka), each value is
-parsed (orjson) and validated into an Event, the Event is applied to the partition's Processor,
-the batch's changed state becomes state-log records (``PartitionTask.take_commit``) that go to
-the local RocksDB store once the transaction committed, the changed members' statuses go to the
-Redis read model, and every emit interval the exporter decodes the partitions' partials, merges
-them and evaluates every KPI. This script times each of those steps on the same records, by
-driving the worker's own classes (``PartitionTask``, ``RocksStore``, ``ReadModel``) without a
-broker, in batches the size the worker takes them (a 20,000-record fetch over 4 partitions). The
-Kafka transaction itself (producing the state records, committing) is not a stage here: it is
-what remains of the worker's end-to-end time (``run.py --only stages`` measures both in the same
-run, and reads the records from the broker for the read stage).
+parsed and validated into an Event (natively when built), the Event is applied to the
+partition's Processor, the batch's changed state becomes state-log records
+(``PartitionTask.take_commit``) that go to the local RocksDB store once the transaction
+committed, the changed members' statuses go to the Redis read model, and every emit interval
+the exporter decodes the partitions' partials, merges them and evaluates every KPI. This script
+times each of those steps on the same records, by driving the worker's own classes
+(``PartitionTask``, ``RocksStore``, ``ReadModel``) without a broker, in batches the size the
+worker takes them (a 20,000-record fetch over 4 partitions). The Kafka transaction itself
+(producing the state records, committing) is not a stage here: it is what remains of the
+worker's end-to-end time (``run.py --only stages`` measures both in the same run, and reads the
+records from the broker for the read stage).
 
     python benchmarks/stages.py [--members 33669] [--redis redis://127.0.0.1:6379/0]
 
@@ -31,9 +32,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
-
-import orjson
 
 from stream_kpis.core.events import DeadLetter, EventParser
 from stream_kpis.generate import GeneratorConfig, write_jsonl
@@ -58,8 +56,9 @@ BATCH = 5_000
 #: (stage, what it covers), in the order of the path.
 STAGES = (
     ("read", "aiokafka getmany: fetch and decode the records (no value parsing)"),
-    ("parse", "orjson.loads of each value (EventParser's size check and decode)"),
-    ("validate", "EventParser.validate to an Event or a dead letter, and the key check"),
+    ("parse", "EventParser.parse of each value to an Event or a dead letter (the native fast "
+              "path when built; else orjson.loads and validation in Python)"),
+    ("validate", "the key check (the Kafka key is the event's partition key)"),
     ("apply", "Processor.process (member state from the cache/RocksDB, aggregates, signals)"),
     ("persist: state records", "PartitionTask.take_commit: member, bucket, dedupe and position "
                                "records of each batch"),
@@ -171,8 +170,7 @@ def measure(by_partition: dict[int, list[InputRecord]], settings: Settings, data
         from stream_kpis.live.readmodel import ReadModel
 
         readmodel = ReadModel.from_url(redis_url, prefix=redis_prefix or "bench-stages:")
-    loads, decode_error = orjson.loads, orjson.JSONDecodeError
-    max_bytes = parser.max_event_bytes
+    parse = parser.parse
     tasks: list[PartitionTask] = []
     gc.collect()
     for partition, records in sorted(by_partition.items()):
@@ -182,24 +180,13 @@ def measure(by_partition: dict[int, list[InputRecord]], settings: Settings, data
         processor = task.processor
         for chunk in _batches(records, batch):
             started = clock()
-            decoded: list[Any] = []
-            for record in chunk:
-                value = record.value or b""
-                if len(value) > max_bytes:
-                    decoded.append(None)
-                    continue
-                try:
-                    decoded.append(loads(value))
-                except decode_error:
-                    decoded.append(None)
+            parsed_items = [parse(record.value or b"", topic_types[record.topic])
+                            for record in chunk]
             parsed = clock()
             items = []
-            for record, obj in zip(chunk, decoded, strict=True):
-                value = record.value or b""
-                item = (parser.parse(value) if obj is None  # the dead letter, with its reason
-                        else parser.validate(obj, value, topic_types[record.topic]))
+            for record, item in zip(chunk, parsed_items, strict=True):
                 if item.__class__ is not DeadLetter and record.key != item.partition_key.encode():
-                    item = DeadLetter("wrong_key", WRONG_KEY_DETAIL, value)
+                    item = DeadLetter("wrong_key", WRONG_KEY_DETAIL, record.value or b"")
                 items.append(item)
             validated = clock()
             for record, item in zip(chunk, items, strict=True):

@@ -24,6 +24,7 @@ import orjson
 
 from .core import Processor, evaluate_kpis
 from .core.events import EVENT_TYPES, DeadLetter, Event, EventParser
+from .core.native import native_module
 from .core.timebase import parse_rfc3339_ms, strptime_ms
 from .exceptions import ConfigError, InputFileError
 from .settings import Settings, read_toml
@@ -188,6 +189,17 @@ def _mapped_rows(source: Source, handle: io.TextIOBase
     plain tuples: replay reads them without a CsvRow per row."""
     reader = csv.reader(handle, delimiter=source.delimiter)
     header = next(reader, None) or []
+    plan = _csv_plan(source, header)
+    return header, _rows(reader, len(header), plan, source.ts_format)
+
+
+#: How a row maps to our fields: (our field, cell index, converter or None for text) per field.
+_Plan = list[tuple[str, int, Callable[[str], Any] | None]]
+
+
+def _csv_plan(source: Source, header: list[str]) -> _Plan:
+    """The plan of a source's rows under ``header``; raises InputFileError when a column named
+    in the config is missing from the header."""
     missing = [theirs for theirs in source.columns.values() if theirs not in header]
     if missing:
         raise InputFileError(f"{source.path}: column(s) {missing} named in the config are not in "
@@ -198,29 +210,29 @@ def _mapped_rows(source: Source, handle: io.TextIOBase
     to_ts = _timestamp_converter(source.ts_format)
     converters = {"ts": to_ts, **dict.fromkeys(_NUMBER_FIELDS, float),
                   **dict.fromkeys(_INT_FIELDS, int)}
-    plan = [(ours, column[theirs], converters.get(ours)) for ours, theirs in mapping.items()]
-    return header, _rows(reader, len(header), plan, source.ts_format)
+    return [(ours, column[theirs], converters.get(ours)) for ours, theirs in mapping.items()]
 
 
-def _rows(reader: Any, width: int, plan: list[tuple[str, int, Callable[[str], Any] | None]],
-          ts_format: str) -> Iterator[_MappedRow]:
+def _rows(reader: Any, width: int, plan: _Plan, ts_format: str) -> Iterator[_MappedRow]:
     """The data rows of ``reader`` mapped through ``plan`` (see _mapped_fields)."""
     for cells in reader:
-        if not cells:
-            continue
-        try:
-            if len(cells) > width:
-                raise _RowError("bad_value", f"the row has {len(cells) - width} more cell(s) "
-                                             "than the header")
-            fields = _mapped_fields(cells, plan, ts_format)
-        except _RowError as exc:
-            yield reader.line_num, {}, (exc.reason, str(exc)), cells
-            continue
-        yield reader.line_num, fields, None, cells
+        if cells:
+            yield (reader.line_num, *_map_row(cells, width, plan, ts_format), cells)
 
 
-def _mapped_fields(cells: list[str], plan: list[tuple[str, int, Callable[[str], Any] | None]],
-                   ts_format: str) -> dict[str, Any]:
+def _map_row(cells: list[str], width: int, plan: _Plan, ts_format: str
+             ) -> tuple[dict[str, Any], tuple[str, str] | None]:
+    """(fields, None) of a data row, or ({}, (dead-letter reason, detail))."""
+    try:
+        if len(cells) > width:
+            raise _RowError("bad_value", f"the row has {len(cells) - width} more cell(s) "
+                                         "than the header")
+        return _mapped_fields(cells, plan, ts_format), None
+    except _RowError as exc:
+        return {}, (exc.reason, str(exc))
+
+
+def _mapped_fields(cells: list[str], plan: _Plan, ts_format: str) -> dict[str, Any]:
     """Our fields of one row: (our field, cell index, converter or None for text) per field."""
     event: dict[str, Any] = {}
     count = len(cells)
@@ -281,10 +293,24 @@ def _read_csv(source: Source, handle: BinaryIO, parser: EventParser,
     text = io.TextIOWrapper(handle, encoding=source.encoding, newline="")
     validate = parser.validate
     try:
-        header, rows = _mapped_rows(source, text)
-        for number, (line, fields, error, cells) in enumerate(rows, 1):
+        reader = csv.reader(text, delimiter=source.delimiter)
+        header = next(reader, None) or []
+        plan = _csv_plan(source, header)
+        width = len(header)
+        native = _native_rows(source, plan, width) if parser.native else None
+        number = 0
+        for cells in reader:
+            if not cells:
+                continue
+            number += 1
             if on_bytes is not None and number % 4096 == 0:
                 on_bytes(handle.tell())  # the text layer reads ahead: close enough for progress
+            if native is not None:
+                event = native(cells)
+                if event is not None:
+                    yield event
+                    continue
+            fields, error = _map_row(cells, width, plan, source.ts_format)
             if error is not None:
                 dead = DeadLetter(*error, _row_json(header, cells))
             else:
@@ -294,10 +320,24 @@ def _read_csv(source: Source, handle: BinaryIO, parser: EventParser,
                     continue
                 dead = dead_or_event
                 dead.raw = _row_json(header, cells)
-            dead.topic, dead.offset = source.name, line
+            dead.topic, dead.offset = source.name, reader.line_num
             yield dead
     finally:
         text.detach()  # the caller closes the handle (never standard input)
+
+
+def _native_rows(source: Source, plan: _Plan, width: int
+                 ) -> Callable[[list[str]], Event | None] | None:
+    """The native reader of this source's rows (see :mod:`stream_kpis.core.native`): a row's
+    Event when it is sure of it, else None; None when it is not built or does not read this
+    source's ts_format."""
+    module = native_module()
+    if module is None:
+        return None
+    rows = module.CsvEvents.for_source(Event, list(EVENT_TYPES),
+                                       [(ours, index) for ours, index, _ in plan],
+                                       source.ts_format, width, source.type)
+    return None if rows is None else rows.event
 
 
 def _read_jsonl(source: Source, handle: BinaryIO, parser: EventParser,

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from ..core.events import EventParser
+from ..core.native import native_status
 from ..settings import Settings
 from .allocator import release_free_memory
 from .partition import Commit, InputRecord, PartitionTask
@@ -87,6 +88,7 @@ class Ingest:
         self.clock = clock
         self.topic_types = {name: kind for kind, name in settings.topics.inputs().items()}
         self.parser = EventParser(settings.max_event_bytes, settings.max_skew_ms)
+        log.info("input parsing: native fast paths %s", native_status())
         self.assigned: set[int] = set()
         self.tasks: dict[int, PartitionTask] = {}
         self.writers: dict[int, PartitionWriter] = {}

@@ -217,9 +217,13 @@ def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
 
 
 def dockerfile_commands() -> dict[str, list[tuple[str, ...]]]:
+    """The values of each instruction; COPY only those that copy from the build context (not
+    ``--from`` another stage)."""
     dockerfile = pytest.importorskip("dockerfile", reason="the `dockerfile` parser package")
     by_cmd: dict[str, list] = {}
     for command in dockerfile.parse_file(str(ROOT / "Dockerfile")):
+        if command.cmd.upper() == "COPY" and any(f.startswith("--from=") for f in command.flags):
+            continue
         by_cmd.setdefault(command.cmd.upper(), []).append(command.value)
     return by_cmd
 
@@ -231,8 +235,11 @@ def dockerignore_patterns() -> list[str]:
 
 def test_dockerfile_builds_the_worker_image():
     by_cmd = dockerfile_commands()
-    assert by_cmd["FROM"] == [("python:3.11-slim",)]
-    assert any("pip install ." in " ".join(value) for value in by_cmd["RUN"])
+    # a build stage makes the wheel (with the native extension), the image installs it
+    assert by_cmd["FROM"] == [("python:3.11-slim", "AS", "build"), ("python:3.11-slim",)]
+    assert any("cargo" in " ".join(value) for value in by_cmd["RUN"])
+    assert any("pip wheel" in " ".join(value) for value in by_cmd["RUN"])
+    assert any("pip install /wheels/" in " ".join(value) for value in by_cmd["RUN"])
     assert by_cmd["ENTRYPOINT"] == [("stream-kpis",)] and by_cmd["CMD"] == [("worker",)]
     assert by_cmd["EXPOSE"] == [("6066",)]
     assert by_cmd["USER"][-1][0].split(":")[0] not in ("root", "0")
@@ -240,6 +247,7 @@ def test_dockerfile_builds_the_worker_image():
     for value in by_cmd["COPY"]:
         for source in value[:-1]:
             assert not dockerignore_excludes(source, patterns), f"COPY {source}: excluded by .dockerignore"
+    assert dockerignore_excludes("native/target/release/x", patterns)
     assert dockerignore_excludes(".venv", patterns) and dockerignore_excludes("tests/unit", patterns)
     assert not dockerignore_excludes("stream_kpis/ops/alerts.py", patterns)
     assert dockerignore_excludes("stream_kpis/__pycache__/x.pyc", patterns)
