@@ -386,11 +386,13 @@ class Processor:
             expiry_buckets = self._newly_passed(self.expiry_index,
                                                 previous + self.settings.expiring_notice,
                                                 K + self.settings.expiring_notice)
+        # members in id order: the signals of one as_of come in the same order in every run (a
+        # set's order follows the process's string hash seed)
         for bucket in touch_buckets:
-            for member_id in list(self.touch_index.get(bucket, ())):
+            for member_id in sorted(self.touch_index.get(bucket, ())):
                 self._update_status(member_id, self.members[member_id])
         for bucket in expiry_buckets:
-            for member_id in list(self.expiry_index.get(bucket, ())):
+            for member_id in sorted(self.expiry_index.get(bucket, ())):
                 self._expiry_notices(member_id, self.members[member_id], K)
         self.forget_churned()
         self.trim_history()
