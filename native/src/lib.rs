@@ -29,16 +29,15 @@ const ATTRIBUTES: [&str; 14] = [
 ];
 
 /// Makes `Event` objects: the class, its type names (the core's own string objects, so that
-/// `event.type == PURCHASE` compares identical objects) and interned attribute names.
+/// `event.type == PURCHASE` compares identical objects) and the descriptors of its slots.
 struct Builder {
     class: Py<PyType>,
     types: Vec<Py<PyString>>,
-    names: Vec<Py<PyString>>,
+    slots: Vec<Py<PyAny>>,
 }
 
 impl Builder {
     fn new(class: Bound<'_, PyType>, types: Vec<Bound<'_, PyString>>) -> PyResult<Builder> {
-        let py = class.py();
         let mut kinds = Vec::new();
         for (kind, name) in types.iter().zip(TYPES) {
             if kind.to_str()? != name {
@@ -49,8 +48,19 @@ impl Builder {
         if kinds.len() != TYPES.len() {
             return Err(PyValueError::new_err(format!("event types must be {TYPES:?}")));
         }
-        let names = ATTRIBUTES.iter().map(|name| PyString::intern(py, name).unbind()).collect();
-        Ok(Builder { class: class.unbind(), types: kinds, names })
+        // the member descriptor of each slot: setting through it directly skips the attribute
+        // lookup of a setattr (most of the cost of building an event)
+        let mut slots = Vec::new();
+        for name in ATTRIBUTES {
+            let slot = class.getattr("__dict__")?.get_item(name)?;
+            let kind = slot.get_type();
+            let settable = unsafe { (*kind.as_type_ptr()).tp_descr_set }.is_some();
+            if kind.name()? != "member_descriptor" || !settable {
+                return Err(PyValueError::new_err(format!("Event.{name} must be a slot")));
+            }
+            slots.push(slot.unbind());
+        }
+        Ok(Builder { class: class.unbind(), types: kinds, slots })
     }
 
     fn build(&self, py: Python<'_>, event: &Parsed) -> PyResult<PyObject> {
@@ -95,8 +105,16 @@ impl Builder {
             text(&event.comment),
             text(&event.store_id),
         ];
-        for (name, value) in self.names.iter().zip(values) {
-            object.setattr(name.bind(py), value)?;
+        for (slot, value) in self.slots.iter().zip(values) {
+            let slot = slot.bind(py);
+            // what `object.attr = value` ends in: the slot descriptor's __set__
+            let status = unsafe {
+                let set = (*slot.get_type().as_type_ptr()).tp_descr_set.unwrap_unchecked();
+                set(slot.as_ptr(), object.as_ptr(), value.as_ptr())
+            };
+            if status != 0 {
+                return Err(PyErr::fetch(py));
+            }
         }
         Ok(object.unbind())
     }
