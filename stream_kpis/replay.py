@@ -13,6 +13,7 @@ import csv
 import gc
 import heapq
 import io
+import math
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -128,10 +129,18 @@ def _timestamp_converter(ts_format: str) -> Callable[[str], Any]:
     if ts_format == "epoch_ms":
         return int
     if ts_format == "epoch_s":
-        return lambda text: int(round(float(text) * 1000))
+        return _epoch_s_ms
     if ts_format == "rfc3339":
         return parse_rfc3339_ms
     return strptime_ms(ts_format)
+
+
+def _epoch_s_ms(text: str) -> int:
+    """Epoch seconds (a decimal) to ms, rounded half to even; ValueError for inf and nan too."""
+    ms = float(text) * 1000
+    if not math.isfinite(ms):
+        raise ValueError(f"not a finite number of seconds: {text!r}")
+    return int(round(ms))
 
 
 class _RowError(Exception):

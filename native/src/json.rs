@@ -206,7 +206,9 @@ impl<'a> Reader<'a> {
         }
         let text = &self.text[start..self.at];
         if float {
-            text.parse::<f64>().ok().map(Value::Float) // correctly rounded, as orjson reads it
+            // correctly rounded, as orjson reads it; a number that rounds to infinity orjson
+            // refuses (the whole line is malformed), so it is not ours to read
+            text.parse::<f64>().ok().filter(|number| number.is_finite()).map(Value::Float)
         } else {
             text.parse::<i64>().ok().map(Value::Int) // beyond 64 bits: None
         }
@@ -323,6 +325,7 @@ mod tests {
             &b"[1]"[..], b"{", b"{\"a\":1,}", b"{\"a\":01}", b"{\"a\":1} x", b"{\"ts\":1,\"ts\":2}",
             b"{\"a\":\"\\ud800\"}", b"{\"a\":99999999999999999999}", b"{\"a\":NaN}",
             b"{\"a\":\"\x01\"}", b"{\"a\":1.}", b"{\"a\":-}", b"\xff", b"{\"a\":[1,]}",
+            b"{\"a\":1e400}", b"{\"a\":[-1.8e308]}",
         ] {
             assert!(read_object(raw).is_none(), "{:?}", String::from_utf8_lossy(raw));
         }

@@ -120,10 +120,10 @@ impl Builder {
     }
 
     /// The index of a given event type: Ok(None) for None, Err(()) for a name not in TYPES.
-    fn kind(&self, event_type: Option<&Bound<'_, PyString>>) -> PyResult<Result<Option<usize>, ()>> {
+    fn kind(&self, event_type: Option<&Bound<'_, PyString>>) -> Result<Option<usize>, ()> {
         match event_type {
-            None => Ok(Ok(None)),
-            Some(name) => Ok(type_index(name.to_str()?).map(Some).ok_or(())),
+            None => Ok(None),
+            Some(name) => name.to_str().ok().and_then(type_index).map(Some).ok_or(()),
         }
     }
 }
@@ -147,11 +147,17 @@ impl JsonEvents {
 
     #[pyo3(signature = (raw, event_type=None, now_ms=None))]
     fn parse(&self, py: Python<'_>, raw: &[u8], event_type: Option<&Bound<'_, PyString>>,
-             now_ms: Option<i64>) -> PyResult<Option<PyObject>> {
+             now_ms: Option<&Bound<'_, PyAny>>) -> PyResult<Option<PyObject>> {
         if raw.len() > self.max_event_bytes {
             return Ok(None);
         }
-        let Ok(kind) = self.builder.kind(event_type)? else { return Ok(None) };
+        // a clock that is not a 64-bit int: not ours to judge
+        let now_ms = match now_ms.map(|now| now.extract::<i64>()) {
+            None => None,
+            Some(Ok(now)) => Some(now),
+            Some(Err(_)) => return Ok(None),
+        };
+        let Ok(kind) = self.builder.kind(event_type) else { return Ok(None) };
         let Some(fields) = read_object(raw) else { return Ok(None) };
         match valid_event(&fields, kind) {
             Some(event) if now_ms.map_or(true, |now| event.ts <= now.saturating_add(self.max_skew_ms)) => {
@@ -201,7 +207,7 @@ impl CsvEvents {
                   plan: Vec<(String, usize)>, ts_format: &str, width: usize,
                   event_type: Option<&Bound<'_, PyString>>) -> PyResult<Option<Self>> {
         let builder = Builder::new(event_class, types)?;
-        let Ok(kind) = builder.kind(event_type)? else { return Ok(None) };
+        let Ok(kind) = builder.kind(event_type) else { return Ok(None) };
         let ts_format = match ts_format {
             "auto" => TsFormat::Auto,
             "epoch_ms" => TsFormat::EpochMs,
@@ -241,7 +247,9 @@ impl CsvEvents {
         for ((field, _, conversion), item) in self.plan.iter().zip(&items) {
             let Some(item) = item else { continue }; // a missing cell is a missing value
             let Ok(text) = item.downcast::<PyString>() else { return Ok(None) };
-            let Some(text) = strip(text.to_str()?) else { return Ok(None) };
+            // a str that is not UTF-8 (a lone surrogate a codec let through): Python's to read
+            let Ok(text) = text.to_str() else { return Ok(None) };
+            let Some(text) = strip(text) else { return Ok(None) };
             if text.is_empty() {
                 continue;
             }

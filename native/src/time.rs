@@ -44,7 +44,7 @@ pub fn at_time(day: i64, hour: i64, minute: i64, second: i64) -> Option<i64> {
 }
 
 /// `parse_rfc3339_ms`: `YYYY-MM-DD[Tt ]HH:MM:SS[.f]` with `Z`/`z` or `+HH:MM`/`-HH:MM`, to
-/// epoch ms (floored); 1 to 6 fraction digits (more are left to Python).
+/// epoch ms (floored); fraction digits beyond microseconds are dropped, as Python does.
 pub fn rfc3339_ms(text: &str) -> Option<i64> {
     let b = text.as_bytes();
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ')
@@ -62,8 +62,9 @@ pub fn rfc3339_ms(text: &str) -> Option<i64> {
         while at < b.len() && b[at].is_ascii_digit() {
             at += 1;
         }
-        let count = at - start;
-        if count == 0 || count > 6 {
+        // Python reads microseconds: digits beyond the sixth are dropped, not rounded
+        let count = (at - start).min(6);
+        if count == 0 {
             return None;
         }
         micros = digits(b, start, count)? * 10i64.pow((6 - count) as u32);
@@ -155,6 +156,7 @@ mod tests {
         assert_eq!(rfc3339_ms("1970-01-01T00:00:01.5Z"), Some(1500));
         assert_eq!(rfc3339_ms("1970-01-01T02:00:00+02:00"), Some(0));
         assert_eq!(rfc3339_ms("1969-12-31T23:59:59.9999Z"), Some(-1));
+        assert_eq!(rfc3339_ms("1970-01-01T00:00:00.123456789Z"), Some(123));
         assert_eq!(rfc3339_ms("1970-01-01T00:00:60Z"), None);
         assert_eq!(rfc3339_ms("1970-01-01T00:00:00"), None);
     }

@@ -241,10 +241,15 @@ class EventParser:
                  native: bool = True) -> None:
         self.max_event_bytes = max_event_bytes
         self.max_skew_ms = max_skew_ms
+        self._native_parse = None
         module = native_module() if native else None
-        self.native = module is not None  # the native fast paths are in use
-        self._native_parse = None if module is None else module.JsonEvents(
-            Event, list(EVENT_TYPES), max_event_bytes, max_skew_ms).parse
+        if module is not None:
+            try:
+                self._native_parse = module.JsonEvents(Event, list(EVENT_TYPES), max_event_bytes,
+                                                       max_skew_ms).parse
+            except (OverflowError, TypeError):  # limits beyond 64 bits: Python reads them
+                pass
+        self.native = self._native_parse is not None  # the native fast paths are in use
 
     def parse(self, raw: bytes, event_type: str | None = None, now_ms: int | None = None
               ) -> Event | DeadLetter:

@@ -316,6 +316,23 @@ def test_csv_timestamp_not_matching_its_format_is_a_bad_timestamp(replay, tmp_pa
     assert [(d["offset"], d["reason"]) for d in dead] == [(3, "bad_timestamp")]
 
 
+def test_csv_epoch_seconds_beyond_a_float_are_a_bad_timestamp(replay, tmp_path):
+    """inf, nan and numbers whose milliseconds overflow a float are dead letters, not a crash."""
+    config = write_shop(tmp_path, """
+        [[replay.sources]]
+        path = "tills.csv"
+        type = "purchase"
+        ts_format = "epoch_s"
+        columns = { event_id = "receipt", member_id = "card", ts = "when", amount = "total" }
+        """, csv_text="receipt,card,when,total\nR1,C1,1704412800.5,5\nR2,C1,inf,5\nR3,C1,1e306,5\n"
+                      "R4,C1,nan,5\nR5,C1,1e400,5\n")
+    dead_path = tmp_path / "dead.jsonl"
+    result = replay("--config", config, "--output", "jsonl", "--dead-letters", dead_path)
+    dead = jsonl(dead_path.read_bytes())
+    assert [(d["offset"], d["reason"]) for d in dead] == [(n, "bad_timestamp") for n in (3, 4, 5, 6)]
+    assert "applied 1 events" in result.stderr
+
+
 def test_csv_row_with_more_cells_than_the_header_is_a_dead_letter(tmp_path, capsys):
     config = write_shop(tmp_path, """
         [[replay.sources]]
