@@ -249,7 +249,7 @@ impl CsvEvents {
             let Ok(text) = item.downcast::<PyString>() else { return Ok(None) };
             // a str that is not UTF-8 (a lone surrogate a codec let through): Python's to read
             let Ok(text) = text.to_str() else { return Ok(None) };
-            let Some(text) = strip(text) else { return Ok(None) };
+            let text = strip(text);
             if text.is_empty() {
                 continue;
             }
@@ -295,17 +295,16 @@ impl CsvEvents {
     }
 }
 
-/// `str.strip()` for text whose ends are ASCII or non-space; None when an end is a non-ASCII
-/// character Python might count as white space (then Python maps the row).
-fn strip(text: &str) -> Option<&str> {
-    // Python's str.isspace() on ASCII: \t \n \v \f \r, the separators 0x1c-0x1f, and space
-    let is_space = |c: char| matches!(c, '\t'..='\r' | '\u{1c}'..='\u{1f}' | ' ');
-    let stripped = text.trim_matches(is_space);
-    let ends = [stripped.chars().next(), stripped.chars().next_back()];
-    if ends.into_iter().flatten().any(|c| !c.is_ascii() && c.is_whitespace()) {
-        return None;
-    }
-    Some(stripped)
+/// `str.strip()`: Python's white space is the characters `str.isspace()` is true of (bidi class
+/// WS, B or S, or category Zs; Unicode 14 as in Python 3.11); tests/property/test_native.py
+/// checks every code point against Python.
+fn strip(text: &str) -> &str {
+    let is_space = |c: char| {
+        matches!(c, '\t'..='\r' | '\u{1c}'..='\u{20}' | '\u{85}' | '\u{a0}' | '\u{1680}'
+                    | '\u{2000}'..='\u{200a}' | '\u{2028}' | '\u{2029}' | '\u{202f}' | '\u{205f}'
+                    | '\u{3000}')
+    };
+    text.trim_matches(is_space)
 }
 
 /// `int(text)` for an optional sign and ASCII digits that fit 64 bits; else None.
@@ -363,8 +362,9 @@ mod tests {
 
     #[test]
     fn strip_as_python() {
-        assert_eq!(strip("\u{b} a \u{1f}"), Some("a"));
-        assert_eq!(strip("\u{a0}a"), None);
-        assert_eq!(strip("é"), Some("é"));
+        assert_eq!(strip("\u{b} a \u{1f}"), "a");
+        assert_eq!(strip("\u{a0}a\u{3000}"), "a");
+        assert_eq!(strip("\u{200b}a"), "\u{200b}a");
+        assert_eq!(strip("é"), "é");
     }
 }
