@@ -440,9 +440,10 @@ class Processor:
 
     @staticmethod
     def _newly_passed(index: dict[int, Any], after: int, upto: int) -> list[int]:
-        """Buckets of ``index`` in (after, upto]."""
+        """Buckets of ``index`` in (after, upto], in bucket order (the order of the signals they
+        give, which must not depend on how many buckets the index holds)."""
         if upto - after > len(index):
-            return [b for b in index if after < b <= upto]
+            return sorted(b for b in index if after < b <= upto)
         return [b for b in range(after + 1, upto + 1) if b in index]
 
     def _status_of(self, touch_bucket: int) -> str:
