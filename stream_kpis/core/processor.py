@@ -8,7 +8,7 @@ worker, replay and the tests all drive this same class.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +75,10 @@ class Processor:
         self.settings = settings
         self.bucket_ms = settings.bucket_ms
         self.validity_ms = settings.points_validity_ms
+        # Settings properties, computed on every read: read once here for the per-event path
+        self.at_risk, self.expiring_notice = settings.at_risk, settings.expiring_notice
+        self.dedupe_per_member = settings.dedupe_per_member
+        self.event_clock = settings.clock == "event"
         self.members: MutableMapping[str, MemberState] = {} if members is None else members
         self.aggs = Aggregates()
         self.matcher = MentionMatcher(settings.lexicons)
@@ -92,10 +96,11 @@ class Processor:
         self.max_ts: int | None = None
         self.K: int | None = None  # as-of bucket the member statuses were last evaluated at
         # last-touch bucket -> members, for the status signals as K passes it; only buckets
-        # after K - churn horizon (see forget_churned)
-        self.touch_index: dict[int, set[str]] = {}
+        # after K - churn horizon (see forget_churned). This index and the expiry index are
+        # defaultdicts: an event adds to its bucket's set without making a set to throw away
+        self.touch_index: defaultdict[int, set[str]] = defaultdict(set)
         self.forgotten_upto: int | None = None  # touch buckets at or before it were dropped
-        self.expiry_index: dict[int, set[str]] = {}
+        self.expiry_index: defaultdict[int, set[str]] = defaultdict(set)
         self.applied = 0
         self.duplicates = 0
         self.version = 0  # bumped by every event processed: "did anything change since?"
@@ -120,9 +125,10 @@ class Processor:
         """Apply one event. Returns ``"applied"``, or ``"duplicate"`` when an event with the same
         type and event_id (and member) was applied before and is still remembered."""
         ts = event.ts
-        if self.max_ts is None or ts > self.max_ts:
+        max_ts = self.max_ts
+        if max_ts is None or ts > max_ts:
             self.max_ts = ts
-            if self.settings.clock == "event" and (self.K is None or ts // self.bucket_ms > self.K):
+            if self.event_clock and (self.K is None or ts // self.bucket_ms > self.K):
                 self.advance(ts // self.bucket_ms)
         self.version += 1
         if event.member_id is None or event.type == SURVEY:
@@ -160,18 +166,18 @@ class Processor:
 
     def _apply_member_event(self, event: Event) -> str:
         member_id = event.member_id
+        kind = event.type
         state = self.members.get(member_id)
-        validity = self.validity_ms
-        key = event.type[0] + event.event_id
+        validity, bucket_ms = self.validity_ms, self.bucket_ms
         if state is None:
             state = MemberState()
             old_view = None
-            state.seen(key, self.settings.dedupe_per_member)
+            state.seen(kind[0] + event.event_id, self.dedupe_per_member)
         else:
-            if state.seen(key, self.settings.dedupe_per_member):
+            if state.seen(kind[0] + event.event_id, self.dedupe_per_member):
                 self.duplicates += 1
                 return DUPLICATE
-            old_view = member_view(state, self.bucket_ms)
+            old_view = member_view(state, bucket_ms)
         aggs = self.aggs
         segments_before = self._segments_of(state) if self.member_dims and old_view else None
         if self.cohorts and old_view:
@@ -180,19 +186,19 @@ class Processor:
         else:
             old_enrolled = old_max = None
         had_purchase = state.purchase_count > 0
-        points_event = validity is not None and (event.type == REDEMPTION or event.points)
+        points_event = validity is not None and (kind == REDEMPTION or event.points)
         if points_event:
             old_unbacked = state.unbacked
         lot_changes = state.apply(event, validity)
-        new_view = member_view(state, self.bucket_ms)
+        new_view = member_view(state, bucket_ms)
         aggs.move_member(old_view, new_view)
         totals = aggs.totals
-        if event.type == PURCHASE:
+        if kind == PURCHASE:
             totals["lifetime_spend"] += event.amount
             totals["points_balance"] += event.points
             if not had_purchase:
                 totals["purchasers"] += 1
-        elif event.type == REDEMPTION:
+        elif kind == REDEMPTION:
             totals["points_balance"] -= event.points
         if points_event:
             self._move_lots(member_id, state, lot_changes)
@@ -200,24 +206,25 @@ class Processor:
         self._event_sums(event, True)
         if self.cohorts:
             self._move_cohort(state, event, old_view is None, old_enrolled, old_max)
-        if self.clv_model is not None and event.type == PURCHASE:
+        if self.clv_model is not None and kind == PURCHASE:
             self._move_clv(state, event)
         if self.member_dims:
             self._move_segments(segments_before, self._segments_of(state))
         old_touch = None if old_view is None else old_view[LAST_TOUCH]
         touch = new_view[LAST_TOUCH]
+        K = self.K
         if touch != old_touch:
             if old_touch is not None:
                 indexed = self.touch_index.get(old_touch)
                 if indexed is not None:  # else forgotten: churned (forget_churned)
                     indexed.discard(member_id)
             if self.forgotten_upto is None or touch > self.forgotten_upto:
-                self.touch_index.setdefault(touch, set()).add(member_id)
+                self.touch_index[touch].add(member_id)
             # an active member touched within the at-risk horizon stays active: skip the check
-            if state.status != ACTIVE or self.K is None or touch <= self.K - self.settings.at_risk:
+            if state.status != ACTIVE or K is None or touch <= K - self.at_risk:
                 self._update_status(member_id, state)
-        if points_event and self.K is not None:
-            self._expiry_notices(member_id, state, self.K)
+        if points_event and K is not None and self._notice_may_be_due(state, K):
+            self._expiry_notices(member_id, state, K)
         self.members[member_id] = state
         self.applied += 1
         return APPLIED
@@ -233,7 +240,7 @@ class Processor:
             expiry = (lot[0] + validity) // bucket_ms
             if before is None:
                 deltas.append((expiry, lot[2], remaining[i]))
-                self.expiry_index.setdefault(expiry, set()).add(member_id)
+                self.expiry_index[expiry].add(member_id)
             else:
                 deltas.append((expiry, 0, remaining[i] - before))
         self.aggs.add_lots(deltas, 1)
@@ -271,7 +278,8 @@ class Processor:
         new_month = None
         if event.type == PURCHASE or event.type == REDEMPTION:
             month = month_of(event.ts // self.bucket_ms * self.bucket_ms)  # the bucket's month
-            if state.add_month(month):
+            # the usual month is the member's latest with activity already: not new
+            if month != old_max and state.add_month(month):
                 new_month = month
         aggs = self.aggs
         if new_member:
@@ -442,9 +450,10 @@ class Processor:
 
     @staticmethod
     def _newly_passed(index: dict[int, Any], after: int, upto: int) -> list[int]:
-        """Buckets of ``index`` in (after, upto]."""
+        """Buckets of ``index`` in (after, upto], in bucket order (the order of the signals they
+        give, which must not depend on how many buckets the index holds)."""
         if upto - after > len(index):
-            return [b for b in index if after < b <= upto]
+            return sorted(b for b in index if after < b <= upto)
         return [b for b in range(after + 1, upto + 1) if b in index]
 
     def _status_of(self, touch_bucket: int) -> str:
@@ -484,6 +493,20 @@ class Processor:
                          expires_at=format_rfc3339(expiry * self.bucket_ms))
         if due:
             self.members[member_id] = state
+
+    def _notice_may_be_due(self, state: MemberState, K: int) -> bool:
+        """Whether a lot of the member may expire in (K, K + notice], so that
+        :meth:`_expiry_notices` has something to look at: such a lot was earned in
+        [(K+1)*bucket - V, (K+notice+1)*bucket - V), and the lots are sorted by ts, so the first
+        and the last lot say no for the usual member (all its lots expire later, or have
+        expired) without the search and the calls of a full check (~0.5 us a points event)."""
+        lots = state.lots
+        if not lots:
+            return False
+        bucket_ms = self.bucket_ms
+        offset = bucket_ms - self.validity_ms
+        return (lots[0][0] < (K + self.expiring_notice) * bucket_ms + offset
+                and lots[-1][0] >= K * bucket_ms + offset)
 
     def _signal(self, member_id: str, signal: str, state: MemberState, **extra: Any) -> None:
         if self.on_signal is None:

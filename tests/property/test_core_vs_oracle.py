@@ -234,6 +234,37 @@ def test_batches_give_what_one_event_at_a_time_gives(events, validity, cuts, seg
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=streams, validity=st.integers(2, 12), notice=st.integers(0, 6),
+       clock=st.lists(st.integers(0, 60), max_size=6), seed=st.randoms())
+def test_the_quick_no_to_expiry_notices_changes_no_signal_or_state(events, validity, notice,
+                                                                   clock, seed):
+    """A points event looks for due expiry notices only when its member's first and last lots
+    allow one (Processor._notice_may_be_due): every signal and member state equals those of a
+    Processor that looks after every points event, in any arrival order and with the clock
+    moved between events."""
+    config = _settings(validity).with_overrides(points_expiring_notice_ms=notice * HOUR)
+    shuffled = list(events)
+    seed.shuffle(shuffled)
+    got_signals: list = []
+    expected_signals: list = []
+    got = Processor(config, on_signal=got_signals.append)
+    expected = Processor(config, on_signal=expected_signals.append)
+    expected._notice_may_be_due = lambda state, K: True  # the full check every time
+    moves = {n % (len(shuffled) + 1): BASE // HOUR + hours for n, hours in enumerate(clock)}
+    for i, item in enumerate([*_parsed(shuffled), None]):
+        if i in moves:
+            got.advance(moves[i])
+            expected.advance(moves[i])
+        if item is not None:
+            got.process(item)
+            expected.process(item)
+    assert got_signals == expected_signals
+    assert {m: s.to_bytes() for m, s in got.members.items()} == \
+        {m: s.to_bytes() for m, s in expected.members.items()}
+    event("a notice" if any(s["signal"] == "points_expiring" for s in got_signals) else "no notice")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=streams, validity=st.none() | st.integers(2, 12),
        clock=st.lists(st.integers(0, 60), max_size=6), seed=st.randoms())
 def test_forgetting_churned_members_changes_no_signal_or_state(events, validity, clock, seed):

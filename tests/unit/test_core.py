@@ -203,6 +203,18 @@ def test_advance_fires_signals_without_events(make_processor):
         ("m", "churned"), ("n", "at_risk")]
 
 
+def test_a_jump_of_the_clock_signals_in_the_order_time_passes_the_touch_buckets(make_processor):
+    # m is touched in bucket 5, then n in bucket 4 (late): the index holds bucket 5 before
+    # bucket 4, and a jump from K = 5 to 50 passes more buckets than the index holds
+    signals: list[dict] = []
+    processor = make_processor([enrollment("e-m", "m", 5), enrollment("e-n", "n", 4)],
+                               signals=signals, at_risk=3, h=100)
+    assert signals == []  # 4 > 5-3
+    processor.advance(50)  # both at risk; bucket 4 was passed first
+    assert [(s["member_id"], s["signal"]) for s in signals] == [("n", "at_risk"),
+                                                               ("m", "at_risk")]
+
+
 def test_points_expiring_notice_with_amount_and_date(make_processor):
     signals: list[dict] = []
     # V = 6 buckets, notice 2 buckets. P1 10 @0 expires in bucket 6; R 3 @1 takes 3 from P1
