@@ -383,8 +383,9 @@ class Processor:
             self._record_churn_history(previous, K)
         self.K = K
         if previous is None:
-            touch_buckets = [b for b in self.touch_index if b <= K - self.settings.at_risk]
-            expiry_buckets = [b for b in self.expiry_index if b <= K + self.settings.expiring_notice]
+            # in bucket order, as _newly_passed gives them (the index holds them as they came)
+            touch_buckets = sorted(b for b in self.touch_index if b <= K - self.at_risk)
+            expiry_buckets = sorted(b for b in self.expiry_index if b <= K + self.expiring_notice)
         else:
             touch_buckets = self._newly_passed(self.touch_index, previous - self.settings.at_risk,
                                                K - self.settings.at_risk)
