@@ -233,6 +233,29 @@ def test_batches_give_what_one_event_at_a_time_gives(events, validity, cuts, seg
         assert got.evaluate() == expected.evaluate()
 
 
+def _side_by_side(config, items: list, clock: list[int], differ) -> tuple[Processor, Processor, list]:
+    """Two Processors fed ``items`` with the clock moved to ``clock``'s hours at the same points;
+    ``differ(expected)`` makes the reference do its work the other way. Asserts both give the
+    same signals and member states; returns both and the signals."""
+    got_signals: list = []
+    expected_signals: list = []
+    got = Processor(config, on_signal=got_signals.append)
+    expected = Processor(config, on_signal=expected_signals.append)
+    differ(expected)
+    moves = {n % (len(items) + 1): BASE // HOUR + hours for n, hours in enumerate(clock)}
+    for i, item in enumerate([*items, None]):
+        if i in moves:
+            got.advance(moves[i])
+            expected.advance(moves[i])
+        if item is not None:
+            got.process(item)
+            expected.process(item)
+    assert got_signals == expected_signals
+    assert {m: s.to_bytes() for m, s in got.members.items()} == \
+        {m: s.to_bytes() for m, s in expected.members.items()}
+    return got, expected, got_signals
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=streams, validity=st.integers(2, 12), notice=st.integers(0, 6),
        clock=st.lists(st.integers(0, 60), max_size=6), seed=st.randoms())
@@ -245,22 +268,11 @@ def test_the_quick_no_to_expiry_notices_changes_no_signal_or_state(events, valid
     config = _settings(validity).with_overrides(points_expiring_notice_ms=notice * HOUR)
     shuffled = list(events)
     seed.shuffle(shuffled)
-    got_signals: list = []
-    expected_signals: list = []
-    got = Processor(config, on_signal=got_signals.append)
-    expected = Processor(config, on_signal=expected_signals.append)
-    expected._notice_may_be_due = lambda state, K: True  # the full check every time
-    moves = {n % (len(shuffled) + 1): BASE // HOUR + hours for n, hours in enumerate(clock)}
-    for i, item in enumerate([*_parsed(shuffled), None]):
-        if i in moves:
-            got.advance(moves[i])
-            expected.advance(moves[i])
-        if item is not None:
-            got.process(item)
-            expected.process(item)
-    assert got_signals == expected_signals
-    assert {m: s.to_bytes() for m, s in got.members.items()} == \
-        {m: s.to_bytes() for m, s in expected.members.items()}
+
+    def check_every_time(reference: Processor) -> None:
+        reference._notice_may_be_due = lambda state, K: True
+
+    got, _, got_signals = _side_by_side(config, _parsed(shuffled), clock, check_every_time)
     event("a notice" if any(s["signal"] == "points_expiring" for s in got_signals) else "no notice")
 
 
@@ -275,23 +287,11 @@ def test_forgetting_churned_members_changes_no_signal_or_state(events, validity,
     config = _settings(validity)
     shuffled = list(events)
     seed.shuffle(shuffled)
-    parsed = _parsed(shuffled)
-    got_signals: list = []
-    expected_signals: list = []
-    got = Processor(config, on_signal=got_signals.append)
-    expected = Processor(config, on_signal=expected_signals.append)
-    expected.forget_churned = lambda: None  # indexes every member
-    moves = {n % (len(parsed) + 1): BASE // HOUR + hours for n, hours in enumerate(clock)}
-    for i, item in enumerate([*parsed, None]):
-        if i in moves:
-            got.advance(moves[i])
-            expected.advance(moves[i])
-        if item is not None:
-            got.process(item)
-            expected.process(item)
-    assert got_signals == expected_signals
-    assert {m: s.to_bytes() for m, s in got.members.items()} == \
-        {m: s.to_bytes() for m, s in expected.members.items()}
+
+    def index_every_member(reference: Processor) -> None:
+        reference.forget_churned = lambda: None
+
+    got, expected, _ = _side_by_side(config, _parsed(shuffled), clock, index_every_member)
     if got.forgotten_upto is None:
         assert got.touch_index == expected.touch_index
     else:
