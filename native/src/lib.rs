@@ -3,7 +3,7 @@
 //! Two readers, each answering only for input it is sure of: a JSON object (`JsonEvents`, what
 //! `EventParser.parse` reads) and a CSV row mapped through a `[[replay.sources]]` plan
 //! (`CsvEvents`, what replay's CSV path reads). Each returns the `Event` the Python core would
-//! make, built as `Event.__init__` builds it, or None: then the Python code reads the input as
+//! make, with every slot `Event.__init__` sets, or None: then the Python code reads the input as
 //! before, and decides (a dead letter and its reason, or an event from a form this side does
 //! not read). The Python core stays the reference; tests/property/test_native.py compares them.
 
