@@ -176,6 +176,10 @@ def _row_json(header: list[str], cells: list[str]) -> bytes:
     return orjson.dumps(row)
 
 
+#: How a row maps to our fields: (our field, cell index, converter or None for text) per field.
+_Plan = list[tuple[str, int, Callable[[str], Any] | None]]
+
+
 def read_csv_rows(source: Source, handle: io.TextIOBase) -> Iterator[CsvRow]:
     """The rows of a CSV source, mapped through its ``columns`` and ``ts_format``.
 
@@ -183,27 +187,20 @@ def read_csv_rows(source: Source, handle: io.TextIOBase) -> Iterator[CsvRow]:
     InputFileError when a column named in the config is missing from the header; a bad cell
     makes that row an error row, never an exception.
     """
-    header, rows = _mapped_rows(source, handle)
-    for line, fields, error, cells in rows:
-        yield CsvRow(line, fields, error, header, cells)
+    reader, header, plan = _csv_reader(source, handle)
+    width = len(header)
+    for cells in reader:
+        if cells:
+            fields, error = _map_row(cells, width, plan, source.ts_format)
+            yield CsvRow(reader.line_num, fields, error, header, cells)
 
 
-#: A mapped row as :func:`_mapped_rows` gives it: (line, fields, error, cells), see CsvRow.
-_MappedRow = tuple[int, dict[str, Any], tuple[str, str] | None, list[str]]
-
-
-def _mapped_rows(source: Source, handle: io.TextIOBase
-                 ) -> tuple[list[str], Iterator[_MappedRow]]:
-    """The header (read now: a missing column raises here) and the rows of read_csv_rows, as
-    plain tuples: replay reads them without a CsvRow per row."""
+def _csv_reader(source: Source, handle: io.TextIOBase) -> tuple[Any, list[str], _Plan]:
+    """A csv.reader of the source's data rows, its header (read now: a missing column raises
+    InputFileError here) and the plan that maps its rows."""
     reader = csv.reader(handle, delimiter=source.delimiter)
     header = next(reader, None) or []
-    plan = _csv_plan(source, header)
-    return header, _rows(reader, len(header), plan, source.ts_format)
-
-
-#: How a row maps to our fields: (our field, cell index, converter or None for text) per field.
-_Plan = list[tuple[str, int, Callable[[str], Any] | None]]
+    return reader, header, _csv_plan(source, header)
 
 
 def _csv_plan(source: Source, header: list[str]) -> _Plan:
@@ -220,13 +217,6 @@ def _csv_plan(source: Source, header: list[str]) -> _Plan:
     converters = {"ts": to_ts, **dict.fromkeys(_NUMBER_FIELDS, float),
                   **dict.fromkeys(_INT_FIELDS, int)}
     return [(ours, column[theirs], converters.get(ours)) for ours, theirs in mapping.items()]
-
-
-def _rows(reader: Any, width: int, plan: _Plan, ts_format: str) -> Iterator[_MappedRow]:
-    """The data rows of ``reader`` mapped through ``plan`` (see _mapped_fields)."""
-    for cells in reader:
-        if cells:
-            yield (reader.line_num, *_map_row(cells, width, plan, ts_format), cells)
 
 
 def _map_row(cells: list[str], width: int, plan: _Plan, ts_format: str
@@ -302,9 +292,7 @@ def _read_csv(source: Source, handle: BinaryIO, parser: EventParser,
     text = io.TextIOWrapper(handle, encoding=source.encoding, newline="")
     validate = parser.validate
     try:
-        reader = csv.reader(text, delimiter=source.delimiter)
-        header = next(reader, None) or []
-        plan = _csv_plan(source, header)
+        reader, header, plan = _csv_reader(source, text)
         width = len(header)
         native = _native_rows(source, plan, width) if parser.native else None
         number = 0
