@@ -254,16 +254,24 @@ class MemberState:
         return [(i, old) for i, (old, new) in enumerate(zip(before, self.remaining, strict=True))
                 if old != new]
 
+    def has_lots_expiring(self, after: int, upto: int, validity_ms: int, bucket_ms: int) -> bool:
+        """Whether some lot's expiry bucket is in (after, upto]: such a lot was earned in
+        [(after+1)*bucket - V, (upto+1)*bucket - V), and the lots are sorted by ts, so the first
+        and the last lot answer without a search (the usual answer is no: all the member's lots
+        expire later, or have expired)."""
+        lots = self.lots
+        return bool(lots) and lots[0][0] < (upto + 1) * bucket_ms - validity_ms \
+            and lots[-1][0] >= (after + 1) * bucket_ms - validity_ms
+
     def lots_expiring(self, after: int, upto: int, validity_ms: int, bucket_ms: int
                       ) -> list[tuple[int, int]]:
         """(expiry bucket, remaining) of the lots whose expiry bucket is in (after, upto], in lot
         order: lots are sorted by ts and the expiry bucket (ts + V) // bucket_ms grows with it,
         so they are one slice of the lots."""
+        if not self.has_lots_expiring(after, upto, validity_ms, bucket_ms):
+            return []
         lots = self.lots
         first_ts, end_ts = (after + 1) * bucket_ms - validity_ms, (upto + 1) * bucket_ms - validity_ms
-        # the usual answers without a search: all lots expire later, or all have expired
-        if not lots or lots[0][0] >= end_ts or lots[-1][0] < first_ts:
-            return []
         start = bisect_left(lots, first_ts, key=_lot_ts)
         end = bisect_left(lots, end_ts, lo=start, key=_lot_ts)
         remaining = self.remaining

@@ -496,18 +496,11 @@ class Processor:
             self.members[member_id] = state
 
     def _notice_may_be_due(self, state: MemberState, K: int) -> bool:
-        """Whether a lot of the member may expire in (K, K + notice], so that
-        :meth:`_expiry_notices` has something to look at: such a lot was earned in
-        [(K+1)*bucket - V, (K+notice+1)*bucket - V), and the lots are sorted by ts, so the first
-        and the last lot say no for the usual member (all its lots expire later, or have
-        expired) without the search and the calls of a full check (~0.5 us a points event)."""
-        lots = state.lots
-        if not lots:
-            return False
-        bucket_ms = self.bucket_ms
-        offset = bucket_ms - self.validity_ms
-        return (lots[0][0] < (K + self.expiring_notice) * bucket_ms + offset
-                and lots[-1][0] >= K * bucket_ms + offset)
+        """Whether a lot of the member expires in (K, K + notice], so that
+        :meth:`_expiry_notices` has something to look at: asked before calling it, because the
+        usual member has none and the full check costs ~0.5 us a points event."""
+        return state.has_lots_expiring(K, K + self.expiring_notice, self.validity_ms,
+                                       self.bucket_ms)
 
     def _signal(self, member_id: str, signal: str, state: MemberState, **extra: Any) -> None:
         if self.on_signal is None:
