@@ -387,14 +387,14 @@ class Processor:
             touch_buckets = sorted(b for b in self.touch_index if b <= K - self.at_risk)
             expiry_buckets = sorted(b for b in self.expiry_index if b <= K + self.expiring_notice)
         else:
-            touch_buckets = self._newly_passed(self.touch_index, previous - self.settings.at_risk,
-                                               K - self.settings.at_risk)
+            touch_buckets = self._newly_passed(self.touch_index, previous - self.at_risk,
+                                               K - self.at_risk)
             touch_buckets += self._newly_passed(self.touch_index,
                                                 previous - self.settings.churn_horizon,
                                                 K - self.settings.churn_horizon)
             expiry_buckets = self._newly_passed(self.expiry_index,
-                                                previous + self.settings.expiring_notice,
-                                                K + self.settings.expiring_notice)
+                                                previous + self.expiring_notice,
+                                                K + self.expiring_notice)
         # members in id order: the signals of one as_of come in the same order in every run (a
         # set's order follows the process's string hash seed)
         for bucket in touch_buckets:
@@ -461,7 +461,7 @@ class Processor:
         K = self.K
         if touch_bucket <= K - self.settings.churn_horizon:
             return CHURNED
-        if touch_bucket <= K - self.settings.at_risk:
+        if touch_bucket <= K - self.at_risk:
             return AT_RISK
         return ACTIVE
 
@@ -481,7 +481,7 @@ class Processor:
         self._signal(member_id, signal, state)
 
     def _expiry_notices(self, member_id: str, state: MemberState, K: int) -> None:
-        horizon = K + self.settings.expiring_notice
+        horizon = K + self.expiring_notice
         due: dict[int, int] = {}
         for expiry, remaining in state.lots_expiring(K, horizon, self.validity_ms, self.bucket_ms):
             if remaining and expiry not in state.notified_expiry:
