@@ -13,6 +13,7 @@ the broker-free tests.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -76,23 +77,22 @@ MEMTABLE_BYTES = 16 << 20  # one store's memtable before it is flushed
 #: its own (32 MiB, filled by the member states the bounded cache of decoded states misses), so
 #: a worker with 4 partitions held 128 MiB of it. The files stay in the OS page cache anyway.
 BLOCK_CACHE_BYTES = 32 << 20
-_shared: dict[str, Any] = {}
 
 
+@cache
 def _shared_write_buffers() -> Any:
-    if "write_buffers" not in _shared:
-        from rocksdict import WriteBufferManager
+    """The one memtable budget of the process's stores (made when the first store opens)."""
+    from rocksdict import WriteBufferManager
 
-        _shared["write_buffers"] = WriteBufferManager(MEMTABLE_BUDGET_BYTES, False)
-    return _shared["write_buffers"]
+    return WriteBufferManager(MEMTABLE_BUDGET_BYTES, False)
 
 
+@cache
 def _shared_block_cache() -> Any:
-    if "block_cache" not in _shared:
-        from rocksdict import Cache
+    """The one block cache of the process's stores: an LRU that outlives every database."""
+    from rocksdict import Cache
 
-        _shared["block_cache"] = Cache(BLOCK_CACHE_BYTES)  # LRU; outlives every database
-    return _shared["block_cache"]
+    return Cache(BLOCK_CACHE_BYTES)
 
 
 class RocksStore:
