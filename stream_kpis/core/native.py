@@ -23,10 +23,14 @@ __all__ = ["NATIVE_ENV", "native_module", "native_status"]
 NATIVE_ENV = "STREAM_KPIS_NATIVE"
 
 
+def _turned_off() -> bool:
+    return os.environ.get(NATIVE_ENV, "1").strip() == "0"
+
+
 @cache
 def native_module() -> ModuleType | None:
     """``stream_kpis._native`` when it is built and not turned off, else None."""
-    if os.environ.get(NATIVE_ENV, "1").strip() == "0":
+    if _turned_off():
         return None
     try:
         from stream_kpis import _native
@@ -37,6 +41,6 @@ def native_module() -> ModuleType | None:
 
 def native_status() -> str:
     """One line for reports: whether the native fast paths are on, and why not."""
-    if os.environ.get(NATIVE_ENV, "1").strip() == "0":
+    if _turned_off():
         return f"off ({NATIVE_ENV}=0)"
     return "on" if native_module() is not None else "off (stream_kpis._native is not built)"
