@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from stream_kpis.core.events import EVENT_TYPES, Event, EventParser
 from stream_kpis.core.native import NATIVE_ENV, native_module, native_status
-from stream_kpis.replay import Source, _csv_plan, _map_row
+from stream_kpis.replay import Source, _csv_plan, _map_row, _native_rows
 from tests.property.test_timestamps import rfc3339_texts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,20 +253,29 @@ def csv_rows(draw):
     return header, cells
 
 
+def _csv_readers(header: list[str], ts_format: str, event_type: str | None):
+    """Replay's two readers of the rows of a source with this header: the native one (replay's
+    own _native_rows, None when it does not read the source) and the reference (_map_row, then
+    validation in Python; None for a row that does not map)."""
+    source = Source(path=Path("x.csv"), format="csv", type=event_type, ts_format=ts_format)
+    plan = _csv_plan(source, header)
+
+    def reference(cells: list[str]) -> object:
+        fields, error = _map_row(cells, len(header), plan, ts_format)
+        return None if error else REFERENCE.validate(fields, b"", event_type)
+
+    return _native_rows(source, plan, len(header)), reference
+
+
 @needs_native
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(row=csv_rows(), ts_format=st.sampled_from(FORMATS), event_type=event_types)
 def test_native_csv_rows_are_the_reference_events(row, ts_format, event_type):
     header, cells = row
     assume(cells)
-    source = Source(path=Path("x.csv"), format="csv", type=event_type, ts_format=ts_format)
-    plan = _csv_plan(source, header)
-    rows = native.CsvEvents.for_source(Event, list(EVENT_TYPES), [(o, i) for o, i, _ in plan],
-                                       ts_format, len(header), event_type)
-    assert rows is not None  # every format of FORMATS is one the native side reads
-    fields, error = _map_row(cells, len(header), plan, ts_format)
-    reference = None if error else REFERENCE.validate(fields, b"", event_type)
-    _assert_same(rows.event(cells), reference, (header, cells))
+    fast, reference = _csv_readers(header, ts_format, event_type)
+    assert fast is not None  # every format of FORMATS is one the native side reads
+    _assert_same(fast(cells), reference(cells), (header, cells))
 
 
 @needs_native
@@ -283,13 +292,8 @@ def test_native_csv_reads_every_clean_row(member, ts, amount, points, ts_format)
                    ts_format, moment.strftime(ts_format))
     header = ["event_id", "member_id", "ts", "amount", "points", "channel"]
     cells = ["p1", member, ts_text, repr(amount), str(points), "web "]
-    source = Source(path=Path("x.csv"), format="csv", type="purchase", ts_format=ts_format)
-    plan = _csv_plan(source, header)
-    rows = native.CsvEvents.for_source(Event, list(EVENT_TYPES), [(o, i) for o, i, _ in plan],
-                                       ts_format, len(header), "purchase")
-    fields, error = _map_row(cells, len(header), plan, ts_format)
-    reference = REFERENCE.validate(fields, b"", "purchase")
-    fast = rows.event(cells)
+    read, read_in_python = _csv_readers(header, ts_format, "purchase")
+    fast, reference = read(cells), read_in_python(cells)
     assert type(reference) is Event and fast is not None, (cells, reference)
     _assert_same(fast, reference, cells)
 
@@ -299,15 +303,12 @@ def test_native_csv_strips_white_space_as_python_does():
     """Every code point at both ends of a text cell: the native reader strips what str.strip()
     strips (Python's white space, ASCII and not), and keeps the rest."""
     header = ["event_id", "ts", "amount", "channel"]
-    source = Source(path=Path("x.csv"), format="csv", type="purchase", ts_format="epoch_ms")
-    plan = _csv_plan(source, header)
-    rows = native.CsvEvents.for_source(Event, list(EVENT_TYPES), [(o, i) for o, i, _ in plan],
-                                       "epoch_ms", len(header), "purchase")
+    read, _ = _csv_readers(header, "epoch_ms", "purchase")
     for code in range(0x110000):
         if 0xD800 <= code < 0xE000:
             continue
         char = chr(code)
-        event = rows.event(["p", "5", "1", f"{char}x{char}"])
+        event = read(["p", "5", "1", f"{char}x{char}"])
         assert event is not None and event.channel == f"{char}x{char}".strip(), hex(code)
 
 
