@@ -49,7 +49,8 @@ survey = st.fixed_dictionaries(
         st.builds(lambda n: {**d, "nps": n}, st.integers(0, 10)),
         st.builds(lambda c: {**d, "csat": c}, st.integers(1, 5)),
         st.builds(lambda n, c: {**d, "nps": n, "csat": c}, st.integers(0, 10), st.integers(1, 5))))
-streams = st.lists(st.one_of(purchase, redemption, enrollment, survey), max_size=60)
+any_event = st.one_of(purchase, redemption, enrollment, survey)
+streams = st.lists(any_event, max_size=60)
 
 
 def _settings(validity_buckets: int | None) -> Settings:
@@ -139,7 +140,7 @@ def test_time_ordered_stream_equals_brute_force(events, validity, later):
 DAY = 24 * HOUR
 day_ts = st.integers(0, 150).flatmap(
     lambda d: st.sampled_from([BASE + d * DAY, BASE + d * DAY + 1, BASE + (d + 1) * DAY - 1]))
-months_stream = st.lists(st.one_of(
+any_month_event = st.one_of(
     st.fixed_dictionaries({"type": st.just("purchase"), "event_id": event_ids,
                            "member_id": st.none() | members, "ts": day_ts,
                            "amount": st.integers(0, 500).map(lambda c: c / 4)},
@@ -149,7 +150,8 @@ months_stream = st.lists(st.one_of(
     st.fixed_dictionaries({"type": st.just("enrollment"), "event_id": event_ids,
                            "member_id": members, "ts": day_ts},
                           optional={"channel": st.sampled_from(["web", "app"]), "tier": opt_tier}),
-), max_size=60)
+)
+months_stream = st.lists(any_month_event, max_size=60)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -175,13 +177,19 @@ def _parsed(events: list[dict]) -> list[Event]:
     return [parser.validate(dict(raw), b"", raw["type"]) for raw in events]
 
 
+def batches(events: list, cuts: list[int]) -> list[list]:
+    """The events cut at ``cuts`` (positions taken modulo len + 1, any order, repeats: empty
+    batches too), in order."""
+    edges = [0, *sorted(c % (len(events) + 1) for c in cuts), len(events)]
+    return [events[start:end] for start, end in zip(edges, edges[1:], strict=False)]
+
+
 def _run_batches(events: list[Event], config: Settings, cuts: list[int]) -> tuple[Processor, list]:
-    """The events cut at ``cuts`` (positions, any order, repeats) and applied batch by batch."""
+    """The events cut at ``cuts`` and applied batch by batch."""
     signals: list = []
     processor = Processor(config, on_signal=signals.append, record_churn_history=True)
-    edges = [0, *sorted(c % (len(events) + 1) for c in cuts), len(events)]
-    for start, end in zip(edges, edges[1:], strict=False):
-        processor.process_batch(events[start:end])
+    for batch in batches(events, cuts):
+        processor.process_batch(batch)
     return processor, signals
 
 
