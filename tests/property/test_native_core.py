@@ -1,0 +1,226 @@
+"""The native streaming core (NativeProcessor, Rust) against the Python reference (Processor).
+
+On random streams cut into random batches, both cores get the same batches; after every batch
+they agree on the counts, the clocks, every field of the exported aggregates (values of the same
+types, floats bit for bit), the churn history, every signal so far (in order) and the KPI
+records. The streams come from tests/property/test_core_vs_oracle.py: members and guests,
+arrival out of time order, repeated event ids, ties on ts, redemptions beyond the points
+earned, surveys with and without member and comments for the lexicons; on top, a few events
+jump the clock far ahead (statuses at risk, churned, reactivated; expiry notices; history
+folded) and hourly streams are stretched over months for the cohorts. Settings: points
+validity or none, expiry notices, cohorts or none, lexicons or none, de-duplication bounds
+small enough to forget, bounded history or not; the native core does not cover segments or
+CLV (native_core_gap), so neither is set here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from stream_kpis.core import Processor
+from stream_kpis.core.kpis import NO_FLOOR, Aggregates
+from stream_kpis.core.native import NATIVE_ENV, native_module, native_status
+from stream_kpis.core.native_core import NativeProcessor, make_processor, native_core_gap
+from stream_kpis.settings import Settings
+from tests.property.test_core_vs_oracle import (
+    BASE,
+    DAY,
+    HOUR,
+    LEXICONS,
+    _parsed,
+    any_event,
+    any_month_event,
+    batches,
+    members,
+    purchase,
+)
+
+needs_native = pytest.mark.skipif(native_module() is None,
+                                  reason=f"native fast paths {native_status()}")
+
+#: The aggregates' fields the native core exports; mentions and cohort histograms may hold an
+#: empty histogram in one core and none in the other (evaluation reads both as zeros).
+_FIELDS = ("hists", "by_channel", "tiers", "sums", "mentions", "totals", "cohort_members",
+           "cohort_active", "cohort_max", "floor")
+_EMPTY_MAY_BE_MISSING = ("mentions", "cohort_active", "cohort_max")
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with the type of every number kept (1 is not 1.0) and floats by their bits
+    (-0.0 is not 0.0); dicts as sorted items, lists and tuples alike."""
+    if isinstance(value, Mapping):
+        return sorted(((_typed(k), _typed(v)) for k, v in value.items()), key=repr)
+    if isinstance(value, list | tuple):
+        return [_typed(item) for item in value]
+    if type(value) is float:
+        return ("float", value.hex())
+    return (type(value).__name__, value)
+
+
+def _exported(aggs: Aggregates) -> dict[str, Any]:
+    fields = {name: getattr(aggs, name) for name in _FIELDS}
+    for name in _EMPTY_MAY_BE_MISSING:
+        fields[name] = {key: hist for key, hist in fields[name].items() if hist}
+    return {name: _typed(value) for name, value in fields.items()}
+
+
+def _records(processor: Any, K: int | None = None) -> list[bytes]:
+    return [orjson.dumps(record) for record in processor.evaluate(K)]
+
+
+# ---- settings and streams ------------------------------------------------------------------
+
+@st.composite
+def configs(draw: st.DrawFn) -> Settings:
+    """Hourly or daily buckets with windows and horizons a stream outgrows (the history floor
+    moves within it); the rest of the covered settings at random."""
+    if draw(st.booleans()):
+        unit, horizons = HOUR, {"windows_ms": (3 * HOUR, 7 * HOUR, 12 * HOUR),
+                                "churn_horizon_ms": 8 * HOUR, "settle_ms": 5 * HOUR,
+                                "at_risk_ms": 4 * HOUR}
+        validity, notice = st.integers(2, 12), st.integers(0, 6)
+    else:
+        unit, horizons = DAY, {"windows_ms": (7 * DAY, 30 * DAY), "churn_horizon_ms": 30 * DAY,
+                               "settle_ms": 20 * DAY, "at_risk_ms": 14 * DAY}
+        validity, notice = st.integers(10, 90), st.integers(0, 20)
+    validity_buckets = draw(st.none() | validity)
+    return Settings(
+        bucket_ms=unit, **horizons,
+        points_validity_ms=None if validity_buckets is None else validity_buckets * unit,
+        points_expiring_notice_ms=draw(notice) * unit,
+        cohorts=draw(st.sampled_from([0, 1, 3, 6])), cohort_ages=draw(st.integers(0, 6)),
+        lexicons=draw(st.sampled_from([LEXICONS, {}])),
+        dedupe_per_member=draw(st.integers(1, 3) | st.just(128)),
+        guest_dedupe=draw(st.integers(1, 5) | st.just(200_000)))
+
+
+def _in_days(raw: dict) -> dict:
+    """An event of the hourly streams moved from hour h to day 4h (five months), at the same
+    edge of it: the start, 1 ms after, or the last ms."""
+    hour, offset = divmod(raw["ts"] - BASE, HOUR)
+    return {**raw, "ts": BASE + 4 * hour * DAY + (DAY - 1 if offset == HOUR - 1 else offset)}
+
+
+#: Member purchases that earn points (most purchases of the shared streams earn none): lots to
+#: expire, redeem and give notice of.
+earning = st.builds(lambda raw, member, points: {**raw, "member_id": member, "points": points},
+                    purchase, members, st.integers(1, 50))
+
+
+@st.composite
+def event_streams(draw: st.DrawFn, bucket_ms: int) -> list[dict]:
+    """Hourly streams (stretched over months with daily buckets) or the daily months streams,
+    of 10 to 80 events; a few of them moved far ahead, so the clock jumps and the events after
+    them are late; and a few sent again later (duplicates, or new when their key was
+    forgotten)."""
+    if draw(st.booleans()):
+        events = draw(st.lists(any_event | earning, min_size=10, max_size=80))
+        if bucket_ms == DAY:
+            events = [_in_days(raw) for raw in events]
+    else:
+        events = draw(st.lists(any_month_event | earning.map(_in_days), min_size=10, max_size=80))
+    positions = st.integers(0, len(events) - 1)
+    for position, buckets in draw(st.lists(st.tuples(positions, st.integers(10, 400)),
+                                           max_size=3)):
+        events[position] = {**events[position], "ts": events[position]["ts"] + buckets * bucket_ms}
+    for position, later in draw(st.lists(st.tuples(positions, st.integers(1, 40)), max_size=10)):
+        events.insert(position + later, events[position])
+    return events
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> tuple[Settings, list[dict]]:
+    config = draw(configs())
+    return config, draw(event_streams(config.bucket_ms))
+
+
+# ---- the differential property -------------------------------------------------------------
+
+def _assert_same(got: NativeProcessor, expected: Processor, got_signals: list,
+                 expected_signals: list, evaluate: bool) -> None:
+    assert (got.applied, got.duplicates, got.K, got.as_of_bucket(), got.max_ts) == \
+        (expected.applied, expected.duplicates, expected.K, expected.as_of_bucket(),
+         expected.max_ts)
+    aggs = got.aggs
+    assert type(aggs) is Aggregates
+    assert (aggs.segments, aggs.clv, got.clv_model) == ({}, None, None)
+    exported, reference = _exported(aggs), _exported(expected.aggs)
+    for name in _FIELDS:
+        assert exported[name] == reference[name], name
+    assert _typed(got.churn_history) == _typed(expected.churn_history)
+    assert got_signals == expected_signals
+    if evaluate:  # records K's churn snapshot in the history: compared again after the next batch
+        assert _records(got) == _records(expected)
+
+
+@needs_native
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(), cuts=st.lists(st.integers(0, 60), max_size=8), bounded=st.booleans(),
+       record=st.booleans(), evaluate_every_batch=st.booleans(), shift=st.integers(-15, 15))
+def test_native_core_equals_processor_batch_by_batch(case, cuts, bounded, record,
+                                                     evaluate_every_batch, shift):
+    """After every batch, and at the end as of a later bucket (or an earlier one, when the
+    whole history is kept)."""
+    config, events = case
+    assert native_core_gap(config) is None
+    options = {"record_churn_history": record, "bounded_history": bounded}
+    got_signals: list = []
+    expected_signals: list = []
+    got = NativeProcessor(config, on_signal=got_signals.append, **options)
+    expected = Processor(config, on_signal=expected_signals.append, **options)
+    for batch in batches(_parsed(events), cuts):
+        got.process_batch(batch)
+        expected.process_batch(batch)
+        _assert_same(got, expected, got_signals, expected_signals, evaluate_every_batch)
+    if expected.K is not None:
+        K = max(0, expected.K + (shift if shift >= 0 or not bounded else -shift))
+        assert _records(got, K) == _records(expected, K)
+    assert _typed(got.churn_history) == _typed(expected.churn_history)
+    event(f"history folded: {expected.aggs.floor != NO_FLOOR}")
+    event(f"duplicates: {expected.duplicates > 0}")
+    for kind in sorted({signal["signal"] for signal in expected_signals}):
+        event(f"signal {kind}")
+
+
+# ---- what the native core covers, and the switch -------------------------------------------
+
+def test_native_core_covers_everything_but_segments_and_clv():
+    assert native_core_gap(Settings()) is None
+    for uncovered in (Settings(segments=("tier",)), Settings(clv=True)):
+        reason = native_core_gap(uncovered)
+        assert isinstance(reason, str) and reason, uncovered
+
+
+@pytest.fixture
+def native_turned_off(monkeypatch: pytest.MonkeyPatch):
+    """STREAM_KPIS_NATIVE=0 for the test; native_module() is cached, so it is asked again
+    before the test and after it (when monkeypatch has put the variable back)."""
+    monkeypatch.setenv(NATIVE_ENV, "0")
+    native_module.cache_clear()
+    yield
+    native_module.cache_clear()
+
+
+def _made(config: Settings) -> Any:
+    return make_processor(config, on_signal=lambda signal: None, record_churn_history=True,
+                          bounded_history=False)
+
+
+def test_make_processor_is_the_python_core_with_native_turned_off(native_turned_off):
+    assert native_module() is None
+    made = _made(Settings())
+    assert type(made) is Processor
+    assert (made.record_churn_history, made.bounded_history) == (True, False)
+
+
+@needs_native
+def test_make_processor_is_native_where_it_is_covered():
+    assert type(_made(Settings())) is NativeProcessor
+    assert type(_made(Settings(segments=("tier",)))) is Processor
+    assert type(_made(Settings(clv=True))) is Processor
