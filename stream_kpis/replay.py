@@ -23,9 +23,10 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from .core import Processor, evaluate_kpis
+from .core import evaluate_kpis
 from .core.events import EVENT_TYPES, DeadLetter, Event, EventParser
 from .core.native import native_module
+from .core.native_core import make_processor
 from .core.timebase import parse_rfc3339_ms, strptime_ms
 from .exceptions import ConfigError, InputFileError
 from .settings import Settings, read_toml
@@ -392,7 +393,7 @@ def replay(sources: Iterable[Source], settings: Settings, *, every_ms: int | Non
         if on_signal is not None:
             on_signal(signal)
 
-    processor = Processor(settings, on_signal=count_signal, record_churn_history=True)
+    processor = make_processor(settings, on_signal=count_signal, record_churn_history=True)
     parser = EventParser(settings.max_event_bytes, settings.max_skew_ms)
     streams = [read_source(source, parser, on_bytes) for source in sources]
     items = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_by_time)

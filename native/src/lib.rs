@@ -14,6 +14,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyFloat, PyList, PyString, PyType};
 
+mod engine;
 mod event;
 mod json;
 mod time;
@@ -342,6 +343,7 @@ fn decimal(text: &str) -> Option<f64> {
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<JsonEvents>()?;
     module.add_class::<CsvEvents>()?;
+    module.add_class::<engine::Core>()?;
     Ok(())
 }
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from ..settings import Settings
 
 __all__ = ["Processor", "PartitionStore", "Signal", "seen_key", "evaluate_kpis", "member_status",
-           "APPLIED", "DUPLICATE"]
+           "history_bounds", "APPLIED", "DUPLICATE"]
 
 Signal = dict[str, Any]
 _REACTIVATED = "reactivated"
@@ -107,10 +107,7 @@ class Processor:
         self.member_dims = tuple(d for d in settings.segments if d in MEMBER_DIMENSIONS)
         self.order_dims = tuple(d for d in settings.segments if d in ORDER_DIMENSIONS)
         self.cohorts = settings.cohorts > 0
-        self.reach = history_reach(settings.windows, settings.churn_horizon, settings.settle)
-        # the floor moves in steps of at least a bucket and at most a week (fewer collapses),
-        # which is also the slack for an exporter whose wall clock lags this one's
-        self.floor_step = max(1, min(self.reach // 8, 7 * 86_400_000 // self.bucket_ms))
+        self.reach, self.floor_step = history_bounds(settings)
         self.bounded_history = bounded_history
         self.clv_model = None
         if settings.clv:
@@ -529,6 +526,15 @@ class Processor:
         if state is None or self.K is None:
             return None
         return member_status(state, self.K, self.settings)
+
+
+def history_bounds(settings: Settings) -> tuple[int, int]:
+    """(reach, floor step) of bounded history: how many buckets before K the KPI formulas read
+    (:func:`~stream_kpis.core.kpis.history_reach`), and the step the floor moves in: at least a
+    bucket and at most a week (fewer collapses), which is also the slack for an exporter whose
+    wall clock lags this one's."""
+    reach = history_reach(settings.windows, settings.churn_horizon, settings.settle)
+    return reach, max(1, min(reach // 8, 7 * 86_400_000 // settings.bucket_ms))
 
 
 def evaluate_kpis(settings: Settings, aggs: Aggregates, K: int,

@@ -1,0 +1,1665 @@
+//! `Core`: the streaming core of `stream_kpis/core/processor.py`, natively, for replay (issue 12).
+//!
+//! It applies validated `Event`s to member states and aggregates by the same rules as the Python
+//! `Processor`, which stays the reference: `stream_kpis/core/native_core.py` wraps this class
+//! with the `Processor` interface replay uses, exports the aggregates as the Python
+//! `Aggregates` for evaluation, and runs what is cheaper or safer in Python (lexicon matching of
+//! comments, formatting signals). Configurations it does not cover (segments, CLV) run in Python.
+//!
+//! Every number keeps its Python type: a sum holds an int until a float is added, as `int +
+//! float` does, so the exported aggregates evaluate to the same bytes.
+
+use std::borrow::Cow;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
+
+// ---- a fast hash for small keys (bucket numbers, ids) --------------------------------------
+
+#[derive(Default, Clone, Copy)]
+pub struct Fx(u64);
+
+impl Fx {
+    #[inline]
+    fn mix(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for Fx {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            self.mix(u64::from_le_bytes(chunk.try_into().unwrap()));
+        }
+        let mut tail = 0u64;
+        for (i, byte) in chunks.remainder().iter().enumerate() {
+            tail |= (*byte as u64) << (8 * i);
+        }
+        self.mix(tail ^ ((bytes.len() as u64) << 56));
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.mix(i as u64);
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.mix(i as u64);
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.mix(i);
+    }
+    fn write_i64(&mut self, i: i64) {
+        self.mix(i as u64);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.mix(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        // the multiply leaves the low bits weak for keys that are small integers
+        self.0 ^ (self.0 >> 29)
+    }
+}
+
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
+type Set<K> = HashSet<K, BuildHasherDefault<Fx>>;
+
+// ---- numbers with Python's int/float distinction ------------------------------------------
+
+/// A Python number of an aggregate: an int until a float is added to it.
+#[derive(Clone, Copy, Debug)]
+pub enum Num {
+    I(i64),
+    F(f64),
+}
+
+impl Num {
+    #[inline]
+    fn plus(self, other: Num) -> Num {
+        match (self, other) {
+            (Num::I(a), Num::I(b)) => Num::I(a + b),
+            (Num::I(a), Num::F(b)) => Num::F(a as f64 + b),
+            (Num::F(a), Num::I(b)) => Num::F(a + b as f64),
+            (Num::F(a), Num::F(b)) => Num::F(a + b),
+        }
+    }
+
+    #[inline]
+    fn is_zero(self) -> bool {
+        match self {
+            Num::I(a) => a == 0,
+            Num::F(a) => a == 0.0,
+        }
+    }
+
+    fn to_object(self, py: Python<'_>) -> PyObject {
+        match self {
+            Num::I(a) => a.into_pyobject(py).unwrap().into_any().unbind(),
+            Num::F(a) => PyFloat::new(py, a).into_any().unbind(),
+        }
+    }
+}
+
+/// `kpis._add`: add to a histogram entry; an entry that comes to zero is no entry.
+#[inline]
+fn add_num(hist: &mut Map<i64, Num>, key: i64, amount: Num) {
+    match hist.entry(key) {
+        Entry::Vacant(slot) => {
+            if !amount.is_zero() {
+                slot.insert(amount);
+            }
+        }
+        Entry::Occupied(mut slot) => {
+            let value = slot.get().plus(amount);
+            if value.is_zero() {
+                slot.remove();
+            } else {
+                *slot.get_mut() = value;
+            }
+        }
+    }
+}
+
+/// `hist[key] = hist.get(key, 0) + amount`: the event sums, which keep a zero.
+#[inline]
+fn sum_num(hist: &mut Map<i64, Num>, key: i64, amount: Num) {
+    let value = hist.entry(key).or_insert(Num::I(0));
+    *value = value.plus(amount);
+}
+
+#[inline]
+fn add_count<K: std::hash::Hash + Eq>(hist: &mut Map<K, i64>, key: K, amount: i64) {
+    match hist.entry(key) {
+        Entry::Vacant(slot) => {
+            if amount != 0 {
+                slot.insert(amount);
+            }
+        }
+        Entry::Occupied(mut slot) => {
+            let value = *slot.get() + amount;
+            if value == 0 {
+                slot.remove();
+            } else {
+                *slot.get_mut() = value;
+            }
+        }
+    }
+}
+
+/// Python's floor division (`//`) of an int by a positive int.
+#[inline]
+fn floor_div(a: i64, b: i64) -> i64 {
+    a.div_euclid(b)
+}
+
+/// `kpis.month_of`: the UTC calendar month of an epoch-ms instant, as year * 12 + month - 1.
+pub fn month_of(ms: i64) -> i64 {
+    // days to a civil date (H. Hinnant's algorithm)
+    let z = floor_div(ms, 86_400_000) + 719_468;
+    let era = floor_div(z, 146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + if month <= 2 { 1 } else { 0 };
+    year * 12 + month - 1
+}
+
+// ---- events -----------------------------------------------------------------------------
+
+const PURCHASE: u8 = 0;
+const REDEMPTION: u8 = 1;
+const ENROLLMENT: u8 = 2;
+const SURVEY: u8 = 3;
+const TYPE_NAMES: [&str; 4] = ["purchase", "redemption", "enrollment", "survey"];
+const TYPE_LETTERS: [u8; 4] = [b'p', b'r', b'e', b's'];
+
+/// The `Event` slots the core reads, by index into `Reader::slots`.
+const FIELDS: [&str; 12] = [
+    "type", "event_id", "member_id", "ts", "amount", "points", "margin", "channel", "tier", "nps",
+    "csat", "comment",
+];
+
+/// One event's fields, borrowed from the `Event` object for the time it is applied.
+struct Ev<'py> {
+    kind: u8,
+    event_id: Cow<'py, [u8]>,
+    member_id: Option<Cow<'py, [u8]>>,
+    member_obj: Option<Bound<'py, PyAny>>,
+    ts: i64,
+    amount: Option<Num>,
+    points: i64,
+    margin: Option<Num>,
+    channel: Option<Bound<'py, PyAny>>,
+    tier: Option<Bound<'py, PyAny>>,
+    nps: Option<i64>,
+    csat: Option<i64>,
+    comment: Option<Bound<'py, PyAny>>,
+}
+
+/// The text of a str as UTF-8 bytes; a str with lone surrogates (which a CSV source's decoding
+/// can give) as "surrogatepass" bytes, which sort in code-point order as Python's strings do.
+fn text_bytes<'py>(text: &Bound<'py, PyAny>) -> PyResult<Cow<'py, [u8]>> {
+    unsafe {
+        if ffi::PyUnicode_Check(text.as_ptr()) == 0 {
+            return Err(PyValueError::new_err("expected a str"));
+        }
+        let mut size: ffi::Py_ssize_t = 0;
+        let data = ffi::PyUnicode_AsUTF8AndSize(text.as_ptr(), &mut size);
+        if !data.is_null() {
+            // valid as long as the str lives, which outlives this borrow
+            return Ok(Cow::Borrowed(std::slice::from_raw_parts(data as *const u8, size as usize)));
+        }
+        ffi::PyErr_Clear();
+        let encoded = ffi::PyUnicode_AsEncodedString(
+            text.as_ptr(),
+            c"utf-8".as_ptr(),
+            c"surrogatepass".as_ptr(),
+        );
+        let encoded = Bound::from_owned_ptr_or_err(text.py(), encoded)?;
+        let bytes = ffi::PyBytes_AsString(encoded.as_ptr()) as *const u8;
+        let size = ffi::PyBytes_Size(encoded.as_ptr()) as usize;
+        Ok(Cow::Owned(std::slice::from_raw_parts(bytes, size).to_vec()))
+    }
+}
+
+fn number(value: &Bound<'_, PyAny>) -> PyResult<Num> {
+    if let Ok(float) = value.downcast_exact::<PyFloat>() {
+        return Ok(Num::F(float.value()));
+    }
+    if value.is_instance_of::<PyFloat>() {
+        return Ok(Num::F(value.extract::<f64>()?));
+    }
+    Ok(Num::I(value.extract::<i64>()?))
+}
+
+/// Reads `Event` objects through the member descriptors of their slots (no attribute lookup).
+struct Reader {
+    class: Py<PyType>,
+    slots: Vec<Py<PyAny>>,
+    types: Vec<Py<PyString>>,
+}
+
+impl Reader {
+    fn new(class: Bound<'_, PyType>, types: Vec<Bound<'_, PyString>>) -> PyResult<Reader> {
+        let mut slots = Vec::new();
+        for name in FIELDS {
+            let slot = class.getattr("__dict__")?.get_item(name)?;
+            let getter = unsafe { (*slot.get_type().as_type_ptr()).tp_descr_get };
+            if slot.get_type().name()? != "member_descriptor" || getter.is_none() {
+                return Err(PyValueError::new_err(format!("Event.{name} must be a slot")));
+            }
+            slots.push(slot.unbind());
+        }
+        if types.len() != 4 || types.iter().zip(TYPE_NAMES).any(|(t, n)| t.to_str().ok() != Some(n)) {
+            return Err(PyValueError::new_err(format!("event types must be {TYPE_NAMES:?}")));
+        }
+        Ok(Reader {
+            class: class.unbind(),
+            slots,
+            types: types.into_iter().map(|t| t.unbind()).collect(),
+        })
+    }
+
+    #[inline]
+    fn slot<'py>(&self, event: &Bound<'py, PyAny>, index: usize) -> PyResult<Bound<'py, PyAny>> {
+        let py = event.py();
+        let slot = self.slots[index].bind(py);
+        unsafe {
+            let get = (*slot.get_type().as_type_ptr()).tp_descr_get.unwrap_unchecked();
+            let value = get(slot.as_ptr(), event.as_ptr(), ffi::Py_TYPE(event.as_ptr()) as *mut _);
+            Bound::from_owned_ptr_or_err(py, value)
+        }
+    }
+
+    fn optional<'py>(&self, event: &Bound<'py, PyAny>, index: usize) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let value = self.slot(event, index)?;
+        Ok(if value.is_none() { None } else { Some(value) })
+    }
+
+    fn read<'py>(&self, event: &Bound<'py, PyAny>) -> PyResult<Ev<'py>> {
+        let py = event.py();
+        if !event.get_type().is(self.class.bind(py)) {
+            return Err(PyValueError::new_err("the native core applies Event objects only"));
+        }
+        let kind_obj = self.slot(event, 0)?;
+        let kind = match self.types.iter().position(|t| t.bind(py).is(&kind_obj)) {
+            Some(kind) => kind,
+            None => {
+                let text = kind_obj.downcast::<PyString>()?.to_str()?;
+                TYPE_NAMES
+                    .iter()
+                    .position(|n| *n == text)
+                    .ok_or_else(|| PyValueError::new_err(format!("unknown event type {text:?}")))?
+            }
+        } as u8;
+        let event_id = text_bytes(&self.slot(event, 1)?)?;
+        let member_obj = self.optional(event, 2)?;
+        let member_id = match &member_obj {
+            Some(member) => Some(text_bytes(member)?),
+            None => None,
+        };
+        let ts: i64 = self.slot(event, 3)?.extract()?;
+        let amount = self.optional(event, 4)?.map(|a| number(&a)).transpose()?;
+        let points: i64 = self.slot(event, 5)?.extract()?;
+        let margin = self.optional(event, 6)?.map(|m| number(&m)).transpose()?;
+        let (nps, csat, comment) = if kind == SURVEY {
+            (
+                self.optional(event, 9)?.map(|n| n.extract::<i64>()).transpose()?,
+                self.optional(event, 10)?.map(|c| c.extract::<i64>()).transpose()?,
+                self.optional(event, 11)?,
+            )
+        } else {
+            (None, None, None)
+        };
+        Ok(Ev {
+            kind,
+            event_id,
+            member_id,
+            member_obj,
+            ts,
+            amount,
+            points,
+            margin,
+            channel: self.optional(event, 7)?,
+            tier: self.optional(event, 8)?,
+            nps,
+            csat,
+            comment,
+        })
+    }
+}
+
+// ---- member state -----------------------------------------------------------------------
+
+const ACTIVE: u8 = 0;
+const AT_RISK: u8 = 1;
+const CHURNED: u8 = 2;
+
+/// A lot or a redemption: [ts, event_id, points], sorted by (ts, event_id).
+struct Lot {
+    ts: i64,
+    id: Box<[u8]>,
+    points: i64,
+}
+
+/// The lots a points event changed: (lot index, remaining before, or None for a new lot).
+type LotChanges = Vec<(usize, Option<i64>)>;
+
+/// `member.MemberState`, the fields the aggregates read (not the segments' or CLV's).
+struct Member {
+    id: Py<PyString>,
+    key: Box<[u8]>,
+    enrolled_ts: Option<i64>,
+    enroll_key: Box<[u8]>,
+    channel: u32,
+    first_seen: Option<i64>,
+    tier: u32,
+    tier_key: Option<(i64, Box<[u8]>)>,
+    last_activity: Option<i64>,
+    last_purchase: Option<i64>,
+    prev_purchase: Option<i64>,
+    first_purchase: Option<i64>,
+    purchase_count: i64,
+    points_earned: i64,
+    points_redeemed: i64,
+    last_redemption: Option<i64>,
+    recent: VecDeque<Box<[u8]>>,
+    lots: Vec<Lot>,
+    redemptions: Vec<Lot>,
+    remaining: Vec<i64>,
+    unbacked: i64,
+    status: u8,
+    notified_expiry: Vec<i64>,
+    months: Vec<i64>,
+}
+
+/// 8 histogram buckets (ENROLLED .. FIRST_PURCHASE_SINGLE of kpis.py), channel and tier.
+#[derive(Clone, Copy, PartialEq)]
+struct View {
+    buckets: [Option<i64>; 8],
+    channel: u32,
+    tier: u32,
+}
+
+const ENROLLED: usize = 0;
+const LAST_TOUCH: usize = 2;
+
+fn insert_sorted(items: &mut Vec<Lot>, item: Lot) -> usize {
+    let mut i = items.len();
+    if i == 0 || items[i - 1].ts < item.ts {
+        items.push(item);
+        return i;
+    }
+    while i > 0 && (items[i - 1].ts, &items[i - 1].id[..]) > (item.ts, &item.id[..]) {
+        i -= 1;
+    }
+    items.insert(i, item);
+    i
+}
+
+/// `member.allocate_points`: FIFO allocation of redemptions to lots, in event-time order.
+fn allocate_points(lots: &[Lot], redemptions: &[Lot], validity: i64) -> (Vec<i64>, i64) {
+    let mut remaining: Vec<i64> = lots.iter().map(|lot| lot.points).collect();
+    let mut unbacked = 0;
+    let mut first = 0;
+    let count = lots.len();
+    for redemption in redemptions {
+        let r = redemption.ts;
+        let mut need = redemption.points;
+        while first < count && (lots[first].ts + validity <= r || remaining[first] == 0) {
+            first += 1;
+        }
+        let mut i = first;
+        while need != 0 && i < count && lots[i].ts <= r {
+            if remaining[i] != 0 && lots[i].ts + validity > r {
+                let take = need.min(remaining[i]);
+                remaining[i] -= take;
+                need -= take;
+            }
+            i += 1;
+        }
+        unbacked += need;
+    }
+    (remaining, unbacked)
+}
+
+impl Member {
+    fn new(id: Py<PyString>, key: Box<[u8]>) -> Member {
+        Member {
+            id,
+            key,
+            enrolled_ts: None,
+            enroll_key: Box::default(),
+            channel: 0,
+            first_seen: None,
+            tier: 0,
+            tier_key: None,
+            last_activity: None,
+            last_purchase: None,
+            prev_purchase: None,
+            first_purchase: None,
+            purchase_count: 0,
+            points_earned: 0,
+            points_redeemed: 0,
+            last_redemption: None,
+            recent: VecDeque::new(),
+            lots: Vec::new(),
+            redemptions: Vec::new(),
+            remaining: Vec::new(),
+            unbacked: 0,
+            status: ACTIVE,
+            notified_expiry: Vec::new(),
+            months: Vec::new(),
+        }
+    }
+
+    fn enrolled_at(&self) -> Option<i64> {
+        self.enrolled_ts.or(self.first_seen)
+    }
+
+    fn last_touch(&self) -> Option<i64> {
+        let enrolled = self.enrolled_at();
+        match (self.last_activity, enrolled) {
+            (None, _) => enrolled,
+            (Some(activity), Some(e)) if activity <= e => Some(e),
+            (activity, _) => activity,
+        }
+    }
+
+    /// `MemberState.seen`: whether the key was applied; remembers it if not (the last `bound`).
+    fn seen(&mut self, key: &[u8], bound: usize) -> bool {
+        if self.recent.iter().any(|k| &k[..] == key) {
+            return true;
+        }
+        self.recent.push_back(key.into());
+        if self.recent.len() > bound {
+            self.recent.pop_front();
+        }
+        false
+    }
+
+    fn view(&self, bucket_ms: i64) -> View {
+        let enrolled = self.enrolled_at();
+        let activity = self.last_activity;
+        let touch = match (activity, enrolled) {
+            (Some(a), None) => Some(a),
+            (Some(a), Some(e)) if a > e => Some(a),
+            _ => enrolled,
+        };
+        let b = |t: Option<i64>| t.map(|t| floor_div(t, bucket_ms));
+        let first = b(self.first_purchase);
+        View {
+            buckets: [
+                b(enrolled),
+                b(activity),
+                b(touch),
+                b(self.last_redemption),
+                b(self.last_purchase),
+                b(self.prev_purchase),
+                first,
+                if self.purchase_count == 1 { first } else { None },
+            ],
+            channel: self.channel,
+            tier: self.tier,
+        }
+    }
+
+    fn activity(&mut self, ts: i64) {
+        if self.last_activity.map_or(true, |a| ts > a) {
+            self.last_activity = Some(ts);
+        }
+        if self.first_seen.map_or(true, |f| ts < f) {
+            self.first_seen = Some(ts);
+        }
+    }
+
+    fn maybe_tier(&mut self, ev: &Ev<'_>, tier: Option<u32>) {
+        let Some(tier) = tier else { return };
+        let newer = match &self.tier_key {
+            None => true,
+            Some((ts, id)) => (ev.ts, &ev.event_id[..]) > (*ts, &id[..]),
+        };
+        if newer {
+            self.tier_key = Some((ev.ts, ev.event_id.as_ref().into()));
+            self.tier = tier;
+        }
+    }
+
+    /// `MemberState.apply` (channel and tier interned by the caller).
+    fn apply(&mut self, ev: &Ev<'_>, validity: Option<i64>, channel: u32, tier: Option<u32>) -> Option<LotChanges> {
+        let ts = ev.ts;
+        let mut changes = None;
+        match ev.kind {
+            PURCHASE => {
+                self.activity(ts);
+                self.purchase_count += 1;
+                match self.last_purchase {
+                    Some(last) if ts < last => {
+                        if self.prev_purchase.map_or(true, |p| ts > p) {
+                            self.prev_purchase = Some(ts);
+                        }
+                    }
+                    _ => {
+                        self.prev_purchase = self.last_purchase;
+                        self.last_purchase = Some(ts);
+                    }
+                }
+                if self.first_purchase.map_or(true, |f| ts < f) {
+                    self.first_purchase = Some(ts);
+                }
+                if ev.points != 0 {
+                    self.points_earned += ev.points;
+                    if let Some(validity) = validity {
+                        let lot = Lot { ts, id: ev.event_id.as_ref().into(), points: ev.points };
+                        changes = Some(self.add_lot(lot, validity));
+                    }
+                }
+                self.maybe_tier(ev, tier);
+            }
+            REDEMPTION => {
+                self.activity(ts);
+                self.points_redeemed += ev.points;
+                if self.last_redemption.map_or(true, |r| ts > r) {
+                    self.last_redemption = Some(ts);
+                }
+                if let Some(validity) = validity {
+                    let redemption = Lot { ts, id: ev.event_id.as_ref().into(), points: ev.points };
+                    changes = Some(self.add_redemption(redemption, validity));
+                }
+            }
+            ENROLLMENT => {
+                let earlier = match self.enrolled_ts {
+                    None => true,
+                    Some(e) => ts < e || (ts == e && ev.event_id[..] < self.enroll_key[..]),
+                };
+                if earlier {
+                    self.enrolled_ts = Some(ts);
+                    self.enroll_key = ev.event_id.as_ref().into();
+                    self.channel = channel;
+                }
+                self.maybe_tier(ev, tier);
+            }
+            _ => {}
+        }
+        changes
+    }
+
+    fn add_lot(&mut self, lot: Lot, validity: i64) -> LotChanges {
+        let ts = lot.ts;
+        let points = lot.points;
+        let index = insert_sorted(&mut self.lots, lot);
+        if index == self.remaining.len() && self.redemptions.last().map_or(true, |r| r.ts < ts) {
+            self.remaining.push(points);
+            return vec![(index, None)];
+        }
+        self.reallocate(validity, Some(index))
+    }
+
+    fn add_redemption(&mut self, redemption: Lot, validity: i64) -> LotChanges {
+        let r = redemption.ts;
+        let mut need = redemption.points;
+        let index = insert_sorted(&mut self.redemptions, redemption);
+        if index < self.redemptions.len() - 1 || self.remaining.len() != self.lots.len() {
+            return self.reallocate(validity, None);
+        }
+        let lots = &self.lots;
+        let start = lots.partition_point(|lot| lot.ts <= r - validity);
+        let end = start + lots[start..].partition_point(|lot| lot.ts <= r);
+        let mut changes = Vec::new();
+        for i in start..end {
+            let before = self.remaining[i];
+            if before == 0 {
+                continue;
+            }
+            let take = need.min(before);
+            self.remaining[i] = before - take;
+            need -= take;
+            changes.push((i, Some(before)));
+            if need == 0 {
+                break;
+            }
+        }
+        self.unbacked += need;
+        changes
+    }
+
+    fn reallocate(&mut self, validity: i64, inserted: Option<usize>) -> LotChanges {
+        let mut before: Vec<Option<i64>> = self.remaining.iter().map(|r| Some(*r)).collect();
+        if let Some(index) = inserted {
+            before.insert(index, None);
+        }
+        let (remaining, unbacked) = allocate_points(&self.lots, &self.redemptions, validity);
+        self.remaining = remaining;
+        self.unbacked = unbacked;
+        before
+            .into_iter()
+            .zip(self.remaining.iter())
+            .enumerate()
+            .filter(|(_, (old, new))| *old != Some(**new))
+            .map(|(i, (old, _))| (i, old))
+            .collect()
+    }
+
+    fn has_lots_expiring(&self, after: i64, upto: i64, validity: i64, bucket_ms: i64) -> bool {
+        match (self.lots.first(), self.lots.last()) {
+            (Some(first), Some(last)) => {
+                first.ts < (upto + 1) * bucket_ms - validity && last.ts >= (after + 1) * bucket_ms - validity
+            }
+            _ => false,
+        }
+    }
+
+    /// (expiry bucket, remaining) of the lots whose expiry bucket is in (after, upto].
+    fn lots_expiring(&self, after: i64, upto: i64, validity: i64, bucket_ms: i64) -> Vec<(i64, i64)> {
+        if !self.has_lots_expiring(after, upto, validity, bucket_ms) {
+            return Vec::new();
+        }
+        let first_ts = (after + 1) * bucket_ms - validity;
+        let end_ts = (upto + 1) * bucket_ms - validity;
+        let start = self.lots.partition_point(|lot| lot.ts < first_ts);
+        let end = start + self.lots[start..].partition_point(|lot| lot.ts < end_ts);
+        (start..end)
+            .map(|i| (floor_div(self.lots[i].ts + validity, bucket_ms), self.remaining[i]))
+            .collect()
+    }
+
+    fn add_month(&mut self, month: i64) -> bool {
+        match self.months.binary_search(&month) {
+            Ok(_) => false,
+            Err(at) => {
+                self.months.insert(at, month);
+                true
+            }
+        }
+    }
+}
+
+// ---- aggregates -------------------------------------------------------------------------
+
+const SUM_NAMES: [&str; 21] = [
+    "points_earned", "points_redeemed", "member_revenue", "member_orders", "guest_revenue",
+    "guest_orders", "member_margin", "member_margin_orders", "guest_margin", "guest_margin_orders",
+    "surveys", "nps_n", "nps_net", "nps_n_member", "nps_net_member", "nps_n_guest", "nps_net_guest",
+    "csat_n", "csat_pos", "lot_points", "lot_remaining",
+];
+const POINTS_EARNED: usize = 0;
+const POINTS_REDEEMED: usize = 1;
+const MEMBER_SUMS: [usize; 4] = [2, 3, 6, 7];
+const GUEST_SUMS: [usize; 4] = [4, 5, 8, 9];
+const SURVEYS: usize = 10;
+const NPS_N: usize = 11;
+const NPS_NET: usize = 12;
+const CSAT_N: usize = 17;
+const CSAT_POS: usize = 18;
+const LOT_POINTS: usize = 19;
+const LOT_REMAINING: usize = 20;
+const NO_FLOOR: i64 = -(1 << 62);
+
+/// `kpis.Aggregates` without segments, mentions (kept in Python) and CLV.
+struct Aggs {
+    hists: [Map<i64, i64>; 8],
+    by_channel: Map<u32, Map<i64, i64>>,
+    tiers: Map<u32, i64>,
+    sums: Vec<Map<i64, Num>>,
+    members: i64,
+    purchasers: i64,
+    lifetime_spend: Num,
+    points_balance: i64,
+    unbacked: i64,
+    cohort_members: Map<i64, i64>,
+    cohort_active: Map<i64, Map<i64, i64>>,
+    cohort_max: Map<i64, Map<i64, i64>>,
+    floor: i64,
+}
+
+impl Aggs {
+    fn new() -> Aggs {
+        Aggs {
+            hists: Default::default(),
+            by_channel: Map::default(),
+            tiers: Map::default(),
+            sums: (0..SUM_NAMES.len()).map(|_| Map::default()).collect(),
+            members: 0,
+            purchasers: 0,
+            lifetime_spend: Num::I(0),
+            points_balance: 0,
+            unbacked: 0,
+            cohort_members: Map::default(),
+            cohort_active: Map::default(),
+            cohort_max: Map::default(),
+            floor: NO_FLOOR,
+        }
+    }
+
+    fn clamp(&self, bucket: i64) -> i64 {
+        bucket.max(self.floor)
+    }
+
+    fn move_member(&mut self, old: Option<&View>, new: &View) {
+        let Some(old) = old else {
+            self.members += 1;
+            for i in 0..8 {
+                if let Some(after) = new.buckets[i] {
+                    let after = self.clamp(after);
+                    add_count(&mut self.hists[i], after, 1);
+                }
+            }
+            let enrolled = new.buckets[ENROLLED].map(|e| self.clamp(e)).unwrap_or(NO_FLOOR);
+            add_count(self.by_channel.entry(new.channel).or_default(), enrolled, 1);
+            add_count(&mut self.tiers, new.tier, 1);
+            return;
+        };
+        for i in 0..8 {
+            let (before, after) = (old.buckets[i], new.buckets[i]);
+            if before != after {
+                if let Some(before) = before {
+                    let before = self.clamp(before);
+                    add_count(&mut self.hists[i], before, -1);
+                }
+                if let Some(after) = after {
+                    let after = self.clamp(after);
+                    add_count(&mut self.hists[i], after, 1);
+                }
+            }
+        }
+        if old.buckets[ENROLLED] != new.buckets[ENROLLED] || old.channel != new.channel {
+            let before = old.buckets[ENROLLED].map(|e| self.clamp(e)).unwrap_or(NO_FLOOR);
+            let after = new.buckets[ENROLLED].map(|e| self.clamp(e)).unwrap_or(NO_FLOOR);
+            add_count(self.by_channel.entry(old.channel).or_default(), before, -1);
+            add_count(self.by_channel.entry(new.channel).or_default(), after, 1);
+        }
+        if old.tier != new.tier {
+            add_count(&mut self.tiers, old.tier, -1);
+            add_count(&mut self.tiers, new.tier, 1);
+        }
+    }
+
+    fn add_lot(&mut self, expiry: i64, points: i64, remaining: i64) {
+        let expiry = self.clamp(expiry);
+        add_num(&mut self.sums[LOT_POINTS], expiry, Num::I(points));
+        add_num(&mut self.sums[LOT_REMAINING], expiry, Num::I(remaining));
+    }
+
+    fn add_cohort(&mut self, cohort: i64, months: &[i64], sign: i64) {
+        add_count(&mut self.cohort_members, cohort, sign);
+        if let Some(last) = months.last() {
+            let active = self.cohort_active.entry(cohort).or_default();
+            for month in months {
+                if *month >= cohort {
+                    add_count(active, *month, sign);
+                }
+            }
+            add_count(self.cohort_max.entry(cohort).or_default(), *last, sign);
+        }
+    }
+
+    fn add_cohort_month(&mut self, cohort: i64, month: i64, old_max: Option<i64>) {
+        if month >= cohort {
+            add_count(self.cohort_active.entry(cohort).or_default(), month, 1);
+        }
+        if old_max.map_or(true, |m| month > m) {
+            let latest = self.cohort_max.entry(cohort).or_default();
+            if let Some(m) = old_max {
+                add_count(latest, m, -1);
+            }
+            add_count(latest, month, 1);
+        }
+    }
+
+    /// `Aggregates.collapse` (the mentions are folded by the Python side).
+    fn collapse(&mut self, floor: i64) {
+        if floor <= self.floor {
+            return;
+        }
+        fn fold(hist: &mut Map<i64, i64>, floor: i64) {
+            let mut total = 0;
+            hist.retain(|key, value| {
+                if *key <= floor {
+                    total += *value;
+                    false
+                } else {
+                    true
+                }
+            });
+            if total != 0 {
+                hist.insert(floor, total);
+            }
+        }
+        for hist in self.hists.iter_mut().chain(self.by_channel.values_mut()) {
+            fold(hist, floor);
+        }
+        for (i, hist) in self.sums.iter_mut().enumerate() {
+            if i == LOT_POINTS || i == LOT_REMAINING {
+                // counts of points: ints only
+                let mut total = Num::I(0);
+                hist.retain(|key, value| {
+                    if *key <= floor {
+                        total = total.plus(*value);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                if !total.is_zero() {
+                    hist.insert(floor, total);
+                }
+            } else {
+                hist.retain(|key, _| *key > floor);
+            }
+        }
+        self.floor = floor;
+    }
+}
+
+/// Range sums over a count histogram (kpis._Ranges of ints, unclamped).
+struct Ranges {
+    keys: Vec<i64>,
+    prefix: Vec<i64>,
+}
+
+impl Ranges {
+    fn new(hist: &Map<i64, i64>) -> Ranges {
+        let mut items: Vec<(i64, i64)> = hist.iter().map(|(k, v)| (*k, *v)).collect();
+        items.sort_unstable();
+        let mut prefix = Vec::with_capacity(items.len() + 1);
+        prefix.push(0);
+        let mut total = 0;
+        for (_, value) in &items {
+            total += value;
+            prefix.push(total);
+        }
+        Ranges { keys: items.into_iter().map(|(k, _)| k).collect(), prefix }
+    }
+
+    fn between(&self, lo: i64, hi: i64) -> i64 {
+        if hi < lo {
+            return 0;
+        }
+        let start = self.keys.partition_point(|k| *k < lo);
+        let stop = self.keys.partition_point(|k| *k <= hi);
+        self.prefix[stop] - self.prefix[start]
+    }
+
+    fn since(&self, lo: i64) -> i64 {
+        let start = self.keys.partition_point(|k| *k < lo);
+        self.prefix[self.keys.len()] - self.prefix[start]
+    }
+}
+
+// ---- the core ---------------------------------------------------------------------------
+
+/// A member signal, formatted by the Python side: (member, signal, K, last touch, points,
+/// expiry bucket).
+struct SignalRecord {
+    member: u32,
+    signal: &'static str,
+    k: i64,
+    last_touch: i64,
+    notice: Option<(i64, i64)>,
+}
+
+/// A clock move's churn snapshots: (the oldest bucket still needed, [(K, [(w, num, den)])]).
+type ChurnRecord = (i64, Vec<(i64, Vec<(i64, i64, i64)>)>);
+
+#[pyclass(module = "stream_kpis._native", unsendable)]
+pub struct Core {
+    reader: Reader,
+    bucket_ms: i64,
+    validity: Option<i64>,
+    at_risk: i64,
+    horizon: i64,
+    notice: i64,
+    dedupe_per_member: usize,
+    guest_dedupe: usize,
+    cohorts: bool,
+    reach: i64,
+    floor_step: i64,
+    bounded_history: bool,
+    churn_windows: Vec<i64>,
+    max_window: i64,
+    record_churn_history: bool,
+    event_clock: bool,
+    keep_signals: bool,
+
+    members: Vec<Member>,
+    member_index: Map<Box<[u8]>, u32>,
+    names: Vec<Py<PyString>>,
+    name_index: Map<Box<[u8]>, u32>,
+    aggs: Aggs,
+    seen: Set<Box<[u8]>>,
+    seen_order: VecDeque<Box<[u8]>>,
+    max_ts: Option<i64>,
+    k: Option<i64>,
+    touch_index: Map<i64, Set<u32>>,
+    forgotten_upto: Option<i64>,
+    expiry_index: Map<i64, Set<u32>>,
+    #[pyo3(get)]
+    applied: u64,
+    #[pyo3(get)]
+    duplicates: u64,
+
+    signals: Vec<SignalRecord>,
+    comments: Vec<(PyObject, i64)>,
+    churn: Vec<ChurnRecord>,
+}
+
+impl Core {
+    fn intern(&mut self, text: &Bound<'_, PyAny>) -> PyResult<u32> {
+        let key = text_bytes(text)?;
+        if let Some(id) = self.name_index.get(&key[..]) {
+            return Ok(*id);
+        }
+        let id = self.names.len() as u32;
+        self.names.push(text.downcast::<PyString>()?.clone().unbind());
+        self.name_index.insert(key.as_ref().into(), id);
+        Ok(id)
+    }
+
+    fn process_one(&mut self, ev: &Ev<'_>) -> PyResult<()> {
+        let ts = ev.ts;
+        if self.max_ts.map_or(true, |m| ts > m) {
+            self.max_ts = Some(ts);
+            let bucket = floor_div(ts, self.bucket_ms);
+            if self.event_clock && self.k.map_or(true, |k| bucket > k) {
+                self.advance_to(bucket);
+            }
+        }
+        if ev.member_id.is_none() || ev.kind == SURVEY {
+            if self.seen_without_member(ev) {
+                self.duplicates += 1;
+                return Ok(());
+            }
+            self.event_sums(ev, ev.member_id.is_some());
+            self.applied += 1;
+            return Ok(());
+        }
+        self.apply_member_event(ev)
+    }
+
+    fn seen_without_member(&mut self, ev: &Ev<'_>) -> bool {
+        let member: &[u8] = ev.member_id.as_deref().unwrap_or(b"");
+        let mut key = Vec::with_capacity(member.len() + ev.event_id.len() + 3);
+        key.push(TYPE_LETTERS[ev.kind as usize]);
+        key.push(b'|');
+        key.extend_from_slice(member);
+        key.push(b'|');
+        key.extend_from_slice(&ev.event_id);
+        if self.seen.contains(&key[..]) {
+            return true;
+        }
+        let key: Box<[u8]> = key.into();
+        self.seen.insert(key.clone());
+        self.seen_order.push_back(key);
+        if self.seen_order.len() > self.guest_dedupe {
+            if let Some(oldest) = self.seen_order.pop_front() {
+                self.seen.remove(&oldest);
+            }
+        }
+        false
+    }
+
+    fn event_sums(&mut self, ev: &Ev<'_>, member: bool) {
+        let bucket = floor_div(ev.ts, self.bucket_ms);
+        if bucket <= self.aggs.floor || ev.kind == ENROLLMENT {
+            return;
+        }
+        let sums = &mut self.aggs.sums;
+        match ev.kind {
+            PURCHASE => {
+                let who = if member { MEMBER_SUMS } else { GUEST_SUMS };
+                sum_num(&mut sums[who[0]], bucket, ev.amount.unwrap_or(Num::I(0)));
+                sum_num(&mut sums[who[1]], bucket, Num::I(1));
+                if let Some(margin) = ev.margin {
+                    sum_num(&mut sums[who[2]], bucket, margin);
+                    sum_num(&mut sums[who[3]], bucket, Num::I(1));
+                }
+                if member && ev.points != 0 {
+                    sum_num(&mut sums[POINTS_EARNED], bucket, Num::I(ev.points));
+                }
+            }
+            REDEMPTION => sum_num(&mut sums[POINTS_REDEEMED], bucket, Num::I(ev.points)),
+            SURVEY => {
+                add_num(&mut sums[SURVEYS], bucket, Num::I(1));
+                if let Some(nps) = ev.nps {
+                    let score = if nps >= 9 { 1 } else if nps <= 6 { -1 } else { 0 };
+                    let offset = if member { 2 } else { 4 };
+                    add_num(&mut sums[NPS_N], bucket, Num::I(1));
+                    add_num(&mut sums[NPS_N + offset], bucket, Num::I(1));
+                    if score != 0 {
+                        add_num(&mut sums[NPS_NET], bucket, Num::I(score));
+                        add_num(&mut sums[NPS_NET + offset], bucket, Num::I(score));
+                    }
+                }
+                if let Some(csat) = ev.csat {
+                    add_num(&mut sums[CSAT_N], bucket, Num::I(1));
+                    if csat >= 4 {
+                        add_num(&mut sums[CSAT_POS], bucket, Num::I(1));
+                    }
+                }
+                if let Some(comment) = &ev.comment {
+                    if comment.is_truthy().unwrap_or(true) {
+                        self.comments.push((comment.clone().unbind(), bucket));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn apply_member_event(&mut self, ev: &Ev<'_>) -> PyResult<()> {
+        let member_key = ev.member_id.as_deref().unwrap();
+        let mut key = Vec::with_capacity(ev.event_id.len() + 1);
+        key.push(TYPE_LETTERS[ev.kind as usize]);
+        key.extend_from_slice(&ev.event_id);
+        let bucket_ms = self.bucket_ms;
+        let (index, old_view) = match self.member_index.get(member_key) {
+            Some(index) => {
+                let index = *index;
+                let member = &mut self.members[index as usize];
+                if member.seen(&key, self.dedupe_per_member) {
+                    self.duplicates += 1;
+                    return Ok(());
+                }
+                (index, Some(member.view(bucket_ms)))
+            }
+            None => {
+                let index = self.members.len() as u32;
+                let id = ev.member_obj.as_ref().unwrap().downcast::<PyString>()?.clone().unbind();
+                let mut member = Member::new(id, member_key.into());
+                member.seen(&key, self.dedupe_per_member);
+                self.members.push(member);
+                self.member_index.insert(member_key.into(), index);
+                (index, None)
+            }
+        };
+        // interned before borrowing the member: an enrollment's channel, a tier
+        let channel = match (&ev.channel, ev.kind) {
+            (Some(channel), ENROLLMENT) if channel.is_truthy()? => self.intern(channel)?,
+            _ => 0,
+        };
+        let tier = match &ev.tier {
+            Some(tier) if ev.kind != REDEMPTION => Some(self.intern(tier)?),
+            _ => None,
+        };
+        let validity = self.validity;
+        let member = &mut self.members[index as usize];
+        let (old_enrolled, old_max) = if self.cohorts && old_view.is_some() {
+            (member.enrolled_at(), member.months.last().copied())
+        } else {
+            (None, None)
+        };
+        let had_purchase = member.purchase_count > 0;
+        let points_event = validity.is_some() && (ev.kind == REDEMPTION || ev.points != 0);
+        let old_unbacked = member.unbacked;
+        let changes = member.apply(ev, validity, channel, tier);
+        let new_view = member.view(bucket_ms);
+        let unbacked = member.unbacked;
+        self.aggs.move_member(old_view.as_ref(), &new_view);
+        match ev.kind {
+            PURCHASE => {
+                self.aggs.lifetime_spend = self.aggs.lifetime_spend.plus(ev.amount.unwrap_or(Num::I(0)));
+                self.aggs.points_balance += ev.points;
+                if !had_purchase {
+                    self.aggs.purchasers += 1;
+                }
+            }
+            REDEMPTION => self.aggs.points_balance -= ev.points,
+            _ => {}
+        }
+        if points_event {
+            if let (Some(changes), Some(validity)) = (changes, validity) {
+                self.move_lots(index, &changes, validity);
+            }
+            self.aggs.unbacked += unbacked - old_unbacked;
+        }
+        self.event_sums(ev, true);
+        if self.cohorts {
+            self.move_cohort(index, ev, old_view.is_none(), old_enrolled, old_max);
+        }
+        let old_touch = old_view.and_then(|v| v.buckets[LAST_TOUCH]);
+        let touch = new_view.buckets[LAST_TOUCH];
+        if touch != old_touch {
+            if let Some(old_touch) = old_touch {
+                if let Some(indexed) = self.touch_index.get_mut(&old_touch) {
+                    indexed.remove(&index);
+                }
+            }
+            if let Some(touch) = touch {
+                if self.forgotten_upto.map_or(true, |f| touch > f) {
+                    self.touch_index.entry(touch).or_default().insert(index);
+                }
+                let status = self.members[index as usize].status;
+                if status != ACTIVE || self.k.map_or(true, |k| touch <= k - self.at_risk) {
+                    self.update_status(index);
+                }
+            }
+        }
+        if let (true, Some(k), Some(validity)) = (points_event, self.k, validity) {
+            if self.members[index as usize].has_lots_expiring(k, k + self.notice, validity, bucket_ms) {
+                self.expiry_notices(index, k);
+            }
+        }
+        self.applied += 1;
+        Ok(())
+    }
+
+    fn move_lots(&mut self, index: u32, changes: &LotChanges, validity: i64) {
+        let member = &self.members[index as usize];
+        let mut deltas = Vec::with_capacity(changes.len());
+        for (i, before) in changes {
+            let lot = &member.lots[*i];
+            let expiry = floor_div(lot.ts + validity, self.bucket_ms);
+            match before {
+                None => {
+                    deltas.push((expiry, lot.points, member.remaining[*i]));
+                    self.expiry_index.entry(expiry).or_default().insert(index);
+                }
+                Some(before) => deltas.push((expiry, 0, member.remaining[*i] - before)),
+            }
+        }
+        for (expiry, points, remaining) in deltas {
+            self.aggs.add_lot(expiry, points, remaining);
+        }
+    }
+
+    fn move_cohort(&mut self, index: u32, ev: &Ev<'_>, new_member: bool, old_enrolled: Option<i64>, old_max: Option<i64>) {
+        let member = &mut self.members[index as usize];
+        let mut new_month = None;
+        if ev.kind == PURCHASE || ev.kind == REDEMPTION {
+            let month = month_of(floor_div(ev.ts, self.bucket_ms) * self.bucket_ms);
+            if Some(month) != old_max && member.add_month(month) {
+                new_month = Some(month);
+            }
+        }
+        let enrolled = member.enrolled_at().unwrap_or(0);
+        let cohort = month_of(enrolled);
+        if new_member {
+            let months = member.months.clone();
+            self.aggs.add_cohort(cohort, &months, 1);
+            return;
+        }
+        if Some(enrolled) != old_enrolled {
+            let before = month_of(old_enrolled.unwrap_or(0));
+            if before != cohort {
+                let months = member.months.clone();
+                let without: Vec<i64> = months.iter().copied().filter(|m| Some(*m) != new_month).collect();
+                self.aggs.add_cohort(before, &without, -1);
+                self.aggs.add_cohort(cohort, &months, 1);
+                return;
+            }
+        }
+        if let Some(month) = new_month {
+            self.aggs.add_cohort_month(cohort, month, old_max);
+        }
+    }
+
+    // ---- clock and member signals --------------------------------------------------------
+
+    fn newly_passed(index: &Map<i64, Set<u32>>, after: i64, upto: i64) -> Vec<i64> {
+        let mut buckets: Vec<i64> = if upto - after > index.len() as i64 {
+            index.keys().copied().filter(|b| after < *b && *b <= upto).collect()
+        } else {
+            ((after + 1)..=upto).filter(|b| index.contains_key(b)).collect()
+        };
+        buckets.sort_unstable();
+        buckets
+    }
+
+    fn sorted_members(&self, index: &Map<i64, Set<u32>>, bucket: i64) -> Vec<u32> {
+        let mut ids: Vec<u32> = index.get(&bucket).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        ids.sort_unstable_by(|a, b| self.members[*a as usize].key.cmp(&self.members[*b as usize].key));
+        ids
+    }
+
+    fn advance_to(&mut self, k: i64) {
+        let previous = self.k;
+        if previous.is_some_and(|p| k <= p) {
+            return;
+        }
+        if let (true, Some(previous)) = (self.record_churn_history, previous) {
+            self.record_churn(previous, k);
+        }
+        self.k = Some(k);
+        let (touch_buckets, expiry_buckets) = match previous {
+            None => {
+                let mut touch: Vec<i64> = self.touch_index.keys().copied().filter(|b| *b <= k - self.at_risk).collect();
+                touch.sort_unstable();
+                let mut expiry: Vec<i64> = self.expiry_index.keys().copied().filter(|b| *b <= k + self.notice).collect();
+                expiry.sort_unstable();
+                (touch, expiry)
+            }
+            Some(previous) => {
+                let mut touch = Self::newly_passed(&self.touch_index, previous - self.at_risk, k - self.at_risk);
+                touch.extend(Self::newly_passed(&self.touch_index, previous - self.horizon, k - self.horizon));
+                let expiry = Self::newly_passed(&self.expiry_index, previous + self.notice, k + self.notice);
+                (touch, expiry)
+            }
+        };
+        for bucket in touch_buckets {
+            for member in self.sorted_members(&self.touch_index, bucket) {
+                self.update_status(member);
+            }
+        }
+        for bucket in expiry_buckets {
+            for member in self.sorted_members(&self.expiry_index, bucket) {
+                self.expiry_notices(member, k);
+            }
+        }
+        self.forget_churned();
+        self.trim_history();
+    }
+
+    fn forget_churned(&mut self) {
+        let Some(k) = self.k else { return };
+        let upto = k - self.horizon;
+        let buckets: Vec<i64> = match self.forgotten_upto {
+            Some(after) if upto <= after => return,
+            Some(after) => Self::newly_passed(&self.touch_index, after, upto),
+            None => self.touch_index.keys().copied().filter(|b| *b <= upto).collect(),
+        };
+        for bucket in buckets {
+            self.touch_index.remove(&bucket);
+        }
+        self.forgotten_upto = Some(upto);
+    }
+
+    fn trim_history(&mut self) {
+        let Some(k) = self.k else { return };
+        if !self.bounded_history {
+            return;
+        }
+        let step = self.floor_step;
+        let floor = (floor_div(k - self.reach, step) - 1) * step;
+        if floor > self.aggs.floor {
+            self.aggs.collapse(floor);
+        }
+    }
+
+    fn record_churn(&mut self, previous: i64, k: i64) {
+        let oldest_needed = k - self.max_window;
+        let h = self.horizon;
+        let ks = previous.max(oldest_needed)..k;
+        let touch_hist = &self.aggs.hists[LAST_TOUCH];
+        let enrolled_hist = &self.aggs.hists[ENROLLED];
+        let snapshots = if ks.end - ks.start <= 4 {
+            // the usual move of one bucket: a pass over the two histograms per bucket, cheaper
+            // than sorting them
+            ks.map(|at| {
+                let pairs = self
+                    .churn_windows
+                    .iter()
+                    .map(|w| {
+                        let (lo, hi) = (at - w - h + 1, at - h);
+                        let (mut num, mut touched) = (0, 0);
+                        for (bucket, count) in touch_hist {
+                            if *bucket >= lo {
+                                touched += count;
+                                if *bucket <= hi {
+                                    num += count;
+                                }
+                            }
+                        }
+                        let since = at - w + 1;
+                        let enrolled: i64 = enrolled_hist.iter().filter(|(b, _)| **b >= since).map(|(_, c)| c).sum();
+                        (*w, num, touched - enrolled)
+                    })
+                    .collect();
+                (at, pairs)
+            })
+            .collect()
+        } else {
+            let touch = Ranges::new(touch_hist);
+            let enrolled = Ranges::new(enrolled_hist);
+            ks.map(|at| {
+                let pairs = self
+                    .churn_windows
+                    .iter()
+                    .map(|w| {
+                        let w = *w;
+                        (w, touch.between(at - w - h + 1, at - h), touch.since(at - w - h + 1) - enrolled.since(at - w + 1))
+                    })
+                    .collect();
+                (at, pairs)
+            })
+            .collect()
+        };
+        self.churn.push((oldest_needed, snapshots));
+    }
+
+    fn status_of(&self, touch_bucket: i64, k: i64) -> u8 {
+        if touch_bucket <= k - self.horizon {
+            CHURNED
+        } else if touch_bucket <= k - self.at_risk {
+            AT_RISK
+        } else {
+            ACTIVE
+        }
+    }
+
+    fn update_status(&mut self, index: u32) {
+        let Some(k) = self.k else { return };
+        let member = &self.members[index as usize];
+        let Some(touch) = member.last_touch() else { return };
+        let status = self.status_of(floor_div(touch, self.bucket_ms), k);
+        if status == member.status {
+            return;
+        }
+        let previous = member.status;
+        self.members[index as usize].status = status;
+        if status == ACTIVE && previous == AT_RISK {
+            return;
+        }
+        let signal = if previous == CHURNED && status != CHURNED {
+            "reactivated"
+        } else if status == AT_RISK {
+            "at_risk"
+        } else if status == CHURNED {
+            "churned"
+        } else {
+            return;
+        };
+        if self.keep_signals {
+            self.signals.push(SignalRecord { member: index, signal, k, last_touch: touch, notice: None });
+        }
+    }
+
+    fn expiry_notices(&mut self, index: u32, k: i64) {
+        let Some(validity) = self.validity else { return };
+        let horizon = k + self.notice;
+        let bucket_ms = self.bucket_ms;
+        let member = &mut self.members[index as usize];
+        let mut due: Vec<(i64, i64)> = Vec::new();
+        for (expiry, remaining) in member.lots_expiring(k, horizon, validity, bucket_ms) {
+            if remaining != 0 && !member.notified_expiry.contains(&expiry) {
+                match due.iter_mut().find(|(e, _)| *e == expiry) {
+                    Some(entry) => entry.1 += remaining,
+                    None => due.push((expiry, remaining)),
+                }
+            }
+        }
+        if due.is_empty() {
+            return;
+        }
+        member.notified_expiry.retain(|e| *e > k);
+        due.sort_unstable();
+        let touch = member.last_touch().unwrap_or(0);
+        for (expiry, points) in due {
+            member.notified_expiry.push(expiry);
+            if self.keep_signals {
+                self.signals.push(SignalRecord {
+                    member: index,
+                    signal: "points_expiring",
+                    k,
+                    last_touch: touch,
+                    notice: Some((points, expiry)),
+                });
+            }
+        }
+    }
+}
+
+fn count_dict<'py>(py: Python<'py>, hist: &Map<i64, i64>) -> PyResult<Bound<'py, PyDict>> {
+    let mut items: Vec<(i64, i64)> = hist.iter().map(|(k, v)| (*k, *v)).collect();
+    items.sort_unstable();
+    let dict = PyDict::new(py);
+    for (key, value) in items {
+        dict.set_item(key, value)?;
+    }
+    Ok(dict)
+}
+
+fn nested_dict<'py>(py: Python<'py>, hists: &Map<i64, Map<i64, i64>>) -> PyResult<Bound<'py, PyDict>> {
+    let mut keys: Vec<i64> = hists.keys().copied().collect();
+    keys.sort_unstable();
+    let dict = PyDict::new(py);
+    for key in keys {
+        dict.set_item(key, count_dict(py, &hists[&key])?)?;
+    }
+    Ok(dict)
+}
+
+#[pymethods]
+impl Core {
+    /// `settings` as plain numbers (see native_core.NativeProcessor): buckets and bounds.
+    #[new]
+    #[pyo3(signature = (event_class, types, *, bucket_ms, validity_ms, at_risk, horizon, notice,
+                        dedupe_per_member, guest_dedupe, cohorts, reach, floor_step,
+                        bounded_history, windows, record_churn_history, event_clock, signals))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        event_class: Bound<'_, PyType>,
+        types: Vec<Bound<'_, PyString>>,
+        bucket_ms: i64,
+        validity_ms: Option<i64>,
+        at_risk: i64,
+        horizon: i64,
+        notice: i64,
+        dedupe_per_member: usize,
+        guest_dedupe: usize,
+        cohorts: bool,
+        reach: i64,
+        floor_step: i64,
+        bounded_history: bool,
+        windows: Vec<i64>,
+        record_churn_history: bool,
+        event_clock: bool,
+        signals: bool,
+    ) -> PyResult<Core> {
+        if bucket_ms <= 0 || floor_step <= 0 || windows.is_empty() {
+            return Err(PyValueError::new_err("bucket_ms and floor_step must be > 0, windows not empty"));
+        }
+        let unknown = PyString::new(py, "unknown");
+        let mut name_index = Map::default();
+        name_index.insert(Box::from(&b"unknown"[..]), 0u32);
+        Ok(Core {
+            reader: Reader::new(event_class, types)?,
+            bucket_ms,
+            validity: validity_ms,
+            at_risk,
+            horizon,
+            notice,
+            dedupe_per_member,
+            guest_dedupe,
+            cohorts,
+            reach,
+            floor_step,
+            bounded_history,
+            churn_windows: windows.iter().copied().filter(|w| *w <= horizon).collect(),
+            max_window: *windows.iter().max().unwrap(),
+            record_churn_history,
+            event_clock,
+            keep_signals: signals,
+            members: Vec::new(),
+            member_index: Map::default(),
+            names: vec![unknown.unbind()],
+            name_index,
+            aggs: Aggs::new(),
+            seen: Set::default(),
+            seen_order: VecDeque::new(),
+            max_ts: None,
+            k: None,
+            touch_index: Map::default(),
+            forgotten_upto: None,
+            expiry_index: Map::default(),
+            applied: 0,
+            duplicates: 0,
+            signals: Vec::new(),
+            comments: Vec::new(),
+            churn: Vec::new(),
+        })
+    }
+
+    /// Apply events in order (`Processor.process_batch`).
+    fn process(&mut self, events: &Bound<'_, PyList>) -> PyResult<()> {
+        for event in events.iter() {
+            let ev = self.reader.read(&event)?;
+            self.process_one(&ev)?;
+        }
+        Ok(())
+    }
+
+    /// Move the as-of bucket to K (`Processor.advance`).
+    fn advance(&mut self, k: i64) {
+        self.advance_to(k);
+    }
+
+    #[getter(K)]
+    fn as_of(&self) -> Option<i64> {
+        self.k
+    }
+
+    #[getter]
+    fn max_ts(&self) -> Option<i64> {
+        self.max_ts
+    }
+
+    #[getter]
+    fn floor(&self) -> i64 {
+        self.aggs.floor
+    }
+
+    #[getter]
+    fn member_count(&self) -> usize {
+        self.members.len()
+    }
+
+    /// The signals since the last call, in order: (member_id, signal, K, last_touch ms, points
+    /// or None, expiry bucket or None).
+    fn take_signals<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for record in std::mem::take(&mut self.signals) {
+            let (points, expiry) = match record.notice {
+                Some((points, expiry)) => (Some(points), Some(expiry)),
+                None => (None, None),
+            };
+            let item = (
+                self.members[record.member as usize].id.clone_ref(py),
+                record.signal,
+                record.k,
+                record.last_touch,
+                points,
+                expiry,
+            );
+            out.append(item.into_pyobject(py)?)?;
+        }
+        Ok(out)
+    }
+
+    /// The (comment, bucket) of the surveys applied since the last call whose bucket was after
+    /// the floor: the Python side matches them against the lexicons.
+    fn take_comments<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for (comment, bucket) in std::mem::take(&mut self.comments) {
+            out.append(PyTuple::new(py, [comment, bucket.into_pyobject(py)?.into_any().unbind()])?)?;
+        }
+        Ok(out)
+    }
+
+    /// The churn snapshots recorded since the last call: [(oldest bucket still needed,
+    /// [(K, {w: (num, den)})])], in the order the clock moved.
+    fn take_churn<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for (oldest, snapshots) in std::mem::take(&mut self.churn) {
+            let list = PyList::empty(py);
+            for (at, pairs) in snapshots {
+                let dict = PyDict::new(py);
+                for (w, num, den) in pairs {
+                    dict.set_item(w, (num, den))?;
+                }
+                list.append((at, dict))?;
+            }
+            out.append((oldest, list))?;
+        }
+        Ok(out)
+    }
+
+    /// The aggregates as the parts of a Python `Aggregates` (without mentions, segments, CLV).
+    fn export<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let aggs = &self.aggs;
+        let out = PyDict::new(py);
+        let hists = PyList::empty(py);
+        for hist in &aggs.hists {
+            hists.append(count_dict(py, hist)?)?;
+        }
+        out.set_item("hists", hists)?;
+        let name = |id: &u32| self.names[*id as usize].clone_ref(py);
+        let by_channel = PyDict::new(py);
+        let mut channels: Vec<&u32> = aggs.by_channel.keys().collect();
+        channels.sort_unstable();
+        for channel in channels {
+            by_channel.set_item(name(channel), count_dict(py, &aggs.by_channel[channel])?)?;
+        }
+        out.set_item("by_channel", by_channel)?;
+        let tiers = PyDict::new(py);
+        let mut tier_ids: Vec<&u32> = aggs.tiers.keys().collect();
+        tier_ids.sort_unstable();
+        for tier in tier_ids {
+            tiers.set_item(name(tier), aggs.tiers[tier])?;
+        }
+        out.set_item("tiers", tiers)?;
+        let sums = PyDict::new(py);
+        for (sum_name, hist) in SUM_NAMES.iter().zip(&aggs.sums) {
+            let mut items: Vec<(i64, Num)> = hist.iter().map(|(k, v)| (*k, *v)).collect();
+            items.sort_unstable_by_key(|item| item.0);
+            let dict = PyDict::new(py);
+            for (key, value) in items {
+                dict.set_item(key, value.to_object(py))?;
+            }
+            sums.set_item(*sum_name, dict)?;
+        }
+        out.set_item("sums", sums)?;
+        let totals = PyDict::new(py);
+        totals.set_item("members", aggs.members)?;
+        totals.set_item("purchasers", aggs.purchasers)?;
+        totals.set_item("lifetime_spend", aggs.lifetime_spend.to_object(py))?;
+        totals.set_item("points_balance", aggs.points_balance)?;
+        totals.set_item("unbacked", aggs.unbacked)?;
+        out.set_item("totals", totals)?;
+        out.set_item("cohort_members", count_dict(py, &aggs.cohort_members)?)?;
+        out.set_item("cohort_active", nested_dict(py, &aggs.cohort_active)?)?;
+        out.set_item("cohort_max", nested_dict(py, &aggs.cohort_max)?)?;
+        out.set_item("floor", aggs.floor)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_as_python_counts_them() {
+        // 1970-01 is 1970*12; 2024-02-29T23:59:59.999Z is in 2024-02; 1969-12-31 in 1969-12
+        assert_eq!(month_of(0), 1970 * 12);
+        assert_eq!(month_of(1_709_251_199_999), 2024 * 12 + 1);
+        assert_eq!(month_of(1_709_251_200_000), 2024 * 12 + 2);
+        assert_eq!(month_of(-1), 1969 * 12 + 11);
+        assert_eq!(month_of(4_102_444_800_000), 2100 * 12);
+    }
+
+    #[test]
+    fn allocation_is_fifo_within_validity() {
+        let lot = |ts, points| Lot { ts, id: Box::default(), points };
+        let lots = [lot(0, 10), lot(5, 10)];
+        let redemptions = [lot(6, 15), lot(20, 10)];
+        // at 6: 10 from the first lot, 5 from the second; at 20 the first expired (validity 10),
+        // the second too (5 + 10 <= 20): all 10 unbacked
+        assert_eq!(allocate_points(&lots, &redemptions, 10), (vec![0, 5], 10));
+    }
+
+    #[test]
+    fn sums_keep_python_number_types() {
+        let mut hist = Map::default();
+        sum_num(&mut hist, 1, Num::F(0.0));
+        assert!(matches!(hist[&1], Num::F(x) if x == 0.0));
+        add_num(&mut hist, 2, Num::I(1));
+        add_num(&mut hist, 2, Num::I(-1));
+        assert!(!hist.contains_key(&2));
+    }
+}

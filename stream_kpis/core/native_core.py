@@ -1,0 +1,172 @@
+"""The streaming core, natively: :class:`NativeProcessor` runs replay's :class:`Processor` rules
+in ``stream_kpis._native.Core`` (Rust, ``native/src/engine.rs``), with the part of the
+:class:`Processor` interface that replay uses (issue 12).
+
+The Python :class:`Processor` stays the reference. The native core owns the member states,
+histograms, event sums, cohorts, indexes and churn snapshots; this wrapper keeps what is cheaper
+or safer in Python: matching survey comments against the lexicons (Python's ``re``), formatting
+signals, the churn history dict, and evaluation (the native aggregates are exported as an
+:class:`Aggregates` for :func:`evaluate_kpis`). A configuration the native core does not cover
+(:func:`native_core_gap`) runs in Python, and so does everything when
+``STREAM_KPIS_NATIVE=0``. tests/property/test_native_core.py compares the two event for event.
+
+Signals reach ``on_signal`` at the end of each :meth:`NativeProcessor.process_batch`, in the
+order the Python core gives them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from .events import EVENT_TYPES, Event
+from .kpis import NO_FLOOR, Aggregates, MentionMatcher
+from .native import native_module
+from .processor import Processor, Signal, evaluate_kpis, history_bounds
+from .timebase import format_rfc3339
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+__all__ = ["NativeProcessor", "native_core_gap", "make_processor"]
+
+
+def native_core_gap(settings: Settings) -> str | None:
+    """None when the native core covers these settings, else why they run in Python."""
+    if settings.segments:
+        return "segments (SPEC 4.2) run in the Python core"
+    if settings.clv:
+        return "predictive CLV (SPEC 4.4) runs in the Python core"
+    return None
+
+
+def make_processor(settings: Settings, **options: Any) -> Processor | NativeProcessor:
+    """A :class:`NativeProcessor` when the native module is on and covers the settings, else the
+    Python :class:`Processor` (``options``: on_signal, record_churn_history, bounded_history)."""
+    if native_module() is not None and native_core_gap(settings) is None:
+        return NativeProcessor(settings, **options)
+    return Processor(settings, **options)
+
+
+class NativeProcessor:
+    """:class:`Processor`'s results for replay, from the native core (see the module doc)."""
+
+    def __init__(self, settings: Settings, *, on_signal: Callable[[Signal], None] | None = None,
+                 record_churn_history: bool = False, bounded_history: bool = True) -> None:
+        gap = native_core_gap(settings)
+        if gap is not None:
+            raise ValueError(f"the native core does not cover these settings: {gap}")
+        module = native_module()
+        if module is None:
+            raise RuntimeError("stream_kpis._native is not available (or STREAM_KPIS_NATIVE=0)")
+        reach, floor_step = history_bounds(settings)
+        self.settings = settings
+        self.bucket_ms = settings.bucket_ms
+        self.core = module.Core(
+            Event, list(EVENT_TYPES), bucket_ms=settings.bucket_ms,
+            validity_ms=settings.points_validity_ms, at_risk=settings.at_risk,
+            horizon=settings.churn_horizon, notice=settings.expiring_notice,
+            dedupe_per_member=settings.dedupe_per_member, guest_dedupe=settings.guest_dedupe,
+            cohorts=settings.cohorts > 0, reach=reach, floor_step=floor_step,
+            bounded_history=bounded_history, windows=list(settings.windows),
+            record_churn_history=record_churn_history, event_clock=settings.clock == "event",
+            signals=on_signal is not None)
+        self.on_signal = on_signal
+        self.matcher = MentionMatcher(settings.lexicons)
+        self.mentions: dict[str, dict[int, int]] = {}  # Aggregates.mentions, kept here
+        self.mentions_floor = NO_FLOOR
+        self.churn_history: dict[int, dict[int, tuple[int, int]]] = {}
+        self.history_low: int | None = None  # no key of churn_history is below it
+        self.clv_model = None
+
+    # ---- the Processor interface replay uses -----------------------------------------------
+    def process_batch(self, events: Iterable[Event]) -> None:
+        """Apply events in order, as :meth:`Processor.process_batch`; then deliver the batch's
+        signals."""
+        self.core.process(events if isinstance(events, list) else list(events))
+        self._collect()
+
+    def advance(self, K: int) -> None:
+        """Move the as-of bucket to K (:meth:`Processor.advance`)."""
+        self.core.advance(K)
+        self._collect()
+
+    @property
+    def K(self) -> int | None:
+        return self.core.K
+
+    @property
+    def max_ts(self) -> int | None:
+        return self.core.max_ts
+
+    @property
+    def applied(self) -> int:
+        return self.core.applied
+
+    @property
+    def duplicates(self) -> int:
+        return self.core.duplicates
+
+    def as_of_bucket(self) -> int | None:
+        return self.core.K
+
+    @property
+    def aggs(self) -> Aggregates:
+        """The aggregates now, exported from the native core (a new object each read)."""
+        aggs = Aggregates()
+        for name, value in self.core.export().items():
+            setattr(aggs, name, value)
+        aggs.mentions = {key: dict(hist) for key, hist in self.mentions.items()}
+        return aggs
+
+    def evaluate(self, K: int | None = None, aggregates: Aggregates | None = None
+                 ) -> list[dict[str, Any]]:
+        """KPI records as of K (default: the current as-of bucket)."""
+        K = self.K if K is None else K
+        if K is None:
+            return []
+        if self.history_low is not None and K < self.history_low:
+            self.history_low = K  # evaluate_kpis records K's snapshot in the history
+        return evaluate_kpis(self.settings, aggregates or self.aggs, K, self.churn_history)
+
+    # ---- what the Python side keeps --------------------------------------------------------
+    def _collect(self) -> None:
+        """Take what the native core left for Python since the last call: survey comments to
+        match, churn snapshots and signals."""
+        core = self.core
+        floor = core.floor
+        mentions = self.mentions
+        if floor > self.mentions_floor:  # Aggregates.collapse: mentions at or before the floor go
+            for hist in mentions.values():
+                for bucket in [b for b in hist if b <= floor]:
+                    del hist[bucket]
+            self.mentions_floor = floor
+        # A survey's mentions count once its bucket is after the floor, and a floor only rises:
+        # matched now or as the event was applied, the same mentions remain.
+        for comment, bucket in core.take_comments():
+            if bucket > floor:
+                for key in self.matcher.matches(comment):
+                    hist = mentions.setdefault(key, {})
+                    hist[bucket] = hist.get(bucket, 0) + 1
+        history = self.churn_history
+        for oldest_needed, snapshots in core.take_churn():
+            history.update(snapshots)
+            # what Processor._record_churn_history deletes, without a scan of the history per
+            # bucket: every key below history_low was deleted already
+            low = self.history_low
+            if low is None or oldest_needed - low > len(history):
+                stale = [b for b in history if b < oldest_needed]
+            else:
+                stale = [b for b in range(low, oldest_needed) if b in history]
+            for bucket in stale:
+                del history[bucket]
+            self.history_low = oldest_needed
+        if self.on_signal is not None:
+            for member_id, signal, K, last_touch, points, expiry in core.take_signals():
+                record: Signal = {"member_id": member_id, "signal": signal,
+                                  "as_of": format_rfc3339((K + 1) * self.bucket_ms),
+                                  "last_touch": format_rfc3339(last_touch)}
+                if points is not None:
+                    record["points"] = points
+                    record["expires_at"] = format_rfc3339(expiry * self.bucket_ms)
+                self.on_signal(record)
