@@ -145,50 +145,96 @@ def cases(draw: st.DrawFn) -> tuple[Settings, list[dict]]:
 
 # ---- the differential property -------------------------------------------------------------
 
-def _assert_same(got: NativeProcessor, expected: Processor, got_signals: list,
-                 expected_signals: list, evaluate: bool) -> None:
-    assert (got.applied, got.duplicates, got.K, got.as_of_bucket(), got.max_ts) == \
-        (expected.applied, expected.duplicates, expected.K, expected.as_of_bucket(),
-         expected.max_ts)
-    aggs = got.aggs
-    assert type(aggs) is Aggregates
-    assert (aggs.segments, aggs.clv, got.clv_model) == ({}, None, None)
-    exported, reference = _exported(aggs), _exported(expected.aggs)
-    for name in _FIELDS:
-        assert exported[name] == reference[name], name
-    assert _typed(got.churn_history) == _typed(expected.churn_history)
-    assert got_signals == expected_signals
-    if evaluate:  # records K's churn snapshot in the history: compared again after the next batch
-        assert _records(got) == _records(expected)
+class _SideBySide:
+    """A NativeProcessor and a Processor given the same calls, each with its signals."""
+
+    def __init__(self, config: Settings, **options: Any) -> None:
+        assert native_core_gap(config) is None
+        self.got_signals: list = []
+        self.expected_signals: list = []
+        self.got = NativeProcessor(config, on_signal=self.got_signals.append, **options)
+        self.expected = Processor(config, on_signal=self.expected_signals.append, **options)
+
+    def process_batch(self, batch: list) -> None:
+        self.got.process_batch(batch)
+        self.expected.process_batch(batch)
+
+    def advance(self, K: int) -> None:
+        self.got.advance(K)
+        self.expected.advance(K)
+
+    def assert_same(self, evaluate: bool) -> None:
+        """Counts, clocks, aggregates, churn history and signals so far; with ``evaluate`` the
+        KPI records (which record K's churn snapshot in the history of both)."""
+        got, expected = self.got, self.expected
+        assert (got.applied, got.duplicates, got.K, got.as_of_bucket(), got.max_ts) == \
+            (expected.applied, expected.duplicates, expected.K, expected.as_of_bucket(),
+             expected.max_ts)
+        aggs = got.aggs
+        assert type(aggs) is Aggregates
+        assert (aggs.segments, aggs.clv, got.clv_model) == ({}, None, None)
+        exported, reference = _exported(aggs), _exported(expected.aggs)
+        for name in _FIELDS:
+            assert exported[name] == reference[name], name
+        assert _typed(got.churn_history) == _typed(expected.churn_history)
+        assert self.got_signals == self.expected_signals
+        if evaluate:
+            assert _records(got) == _records(expected)
+
+    def assert_same_records(self, K: int) -> None:
+        assert _records(self.got, K) == _records(self.expected, K)
+        assert _typed(self.got.churn_history) == _typed(self.expected.churn_history)
+
+    def report(self) -> None:
+        """What the stream made happen, for --hypothesis-show-statistics."""
+        expected = self.expected
+        event(f"history folded: {expected.aggs.floor != NO_FLOOR}")
+        event(f"duplicates: {expected.duplicates > 0}")
+        for kind in sorted({signal["signal"] for signal in self.expected_signals}):
+            event(f"signal {kind}")
+
+
+cut_points = st.lists(st.integers(0, 60), max_size=8)
 
 
 @needs_native
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=cases(), cuts=st.lists(st.integers(0, 60), max_size=8), bounded=st.booleans(),
-       record=st.booleans(), evaluate_every_batch=st.booleans(), shift=st.integers(-15, 15))
+@given(case=cases(), cuts=cut_points, bounded=st.booleans(), record=st.booleans(),
+       evaluate_every_batch=st.booleans(), shift=st.integers(-15, 15))
 def test_native_core_equals_processor_batch_by_batch(case, cuts, bounded, record,
                                                      evaluate_every_batch, shift):
     """After every batch, and at the end as of a later bucket (or an earlier one, when the
     whole history is kept)."""
     config, events = case
-    assert native_core_gap(config) is None
-    options = {"record_churn_history": record, "bounded_history": bounded}
-    got_signals: list = []
-    expected_signals: list = []
-    got = NativeProcessor(config, on_signal=got_signals.append, **options)
-    expected = Processor(config, on_signal=expected_signals.append, **options)
+    pair = _SideBySide(config, record_churn_history=record, bounded_history=bounded)
     for batch in batches(_parsed(events), cuts):
-        got.process_batch(batch)
-        expected.process_batch(batch)
-        _assert_same(got, expected, got_signals, expected_signals, evaluate_every_batch)
-    if expected.K is not None:
-        K = max(0, expected.K + (shift if shift >= 0 or not bounded else -shift))
-        assert _records(got, K) == _records(expected, K)
-    assert _typed(got.churn_history) == _typed(expected.churn_history)
-    event(f"history folded: {expected.aggs.floor != NO_FLOOR}")
-    event(f"duplicates: {expected.duplicates > 0}")
-    for kind in sorted({signal["signal"] for signal in expected_signals}):
-        event(f"signal {kind}")
+        pair.process_batch(batch)
+        pair.assert_same(evaluate_every_batch)
+    if pair.expected.K is not None:
+        pair.assert_same_records(max(0, pair.expected.K + (shift if shift >= 0 or not bounded
+                                                           else -shift)))
+    pair.report()
+
+
+@needs_native
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(), cuts=cut_points, clock=st.sampled_from(["event", "wall"]),
+       moves=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 300)), max_size=4))
+def test_native_core_equals_processor_with_the_clock_moved(case, cuts, clock, moves):
+    """advance(K) between batches (a wall clock, or an event clock pushed ahead): the same
+    signals and state."""
+    config, events = case
+    config = config.with_overrides(clock=clock)
+    pair = _SideBySide(config, record_churn_history=True)
+    start = BASE // config.bucket_ms
+    ahead = dict(moves)
+    for n, batch in enumerate(batches(_parsed(events), cuts)):
+        if n in ahead:
+            pair.advance(start + ahead[n])
+            pair.assert_same(evaluate=False)
+        pair.process_batch(batch)
+        pair.assert_same(evaluate=True)
+    pair.report()
 
 
 # ---- what the native core covers, and the switch -------------------------------------------
