@@ -237,6 +237,22 @@ def test_native_core_equals_processor_with_the_clock_moved(case, cuts, clock, mo
     pair.report()
 
 
+@needs_native
+@pytest.mark.xfail(strict=True, reason="the native core keeps points in 64 bits: a sum past "
+                   "2**63 - 1 wraps, points of 2**63 or more raise OverflowError")
+@pytest.mark.parametrize("points", [2**62, 2**63])
+def test_points_beyond_64_bits_count_as_in_python(points):
+    """EventParser sets no upper bound on points; Python's ints do not wrap."""
+    pair = _SideBySide(Settings(points_validity_ms=30 * DAY))
+    pair.process_batch(_parsed([
+        {"type": "purchase", "event_id": "p1", "member_id": "m", "ts": BASE, "amount": 1.0,
+         "points": points},
+        {"type": "purchase", "event_id": "p2", "member_id": "m", "ts": BASE + HOUR, "amount": 1.0,
+         "points": points}]))
+    assert pair.expected.aggs.totals["points_balance"] == 2 * points
+    pair.assert_same(evaluate=True)
+
+
 # ---- what the native core covers, and the switch -------------------------------------------
 
 def test_native_core_covers_everything_but_segments_and_clv():
