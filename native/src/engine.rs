@@ -304,9 +304,18 @@ impl Reader {
             None => None,
         };
         let ts: i64 = self.slot(event, 3)?.extract()?;
-        let amount = self.optional(event, 4)?.map(|a| number(&a)).transpose()?;
-        let points: i64 = self.slot(event, 5)?.extract()?;
-        let margin = self.optional(event, 6)?.map(|m| number(&m)).transpose()?;
+        // only the fields the core reads for this type
+        let (amount, margin) = if kind == PURCHASE {
+            (
+                self.optional(event, 4)?.map(|a| number(&a)).transpose()?,
+                self.optional(event, 6)?.map(|m| number(&m)).transpose()?,
+            )
+        } else {
+            (None, None)
+        };
+        let points: i64 = if kind == PURCHASE || kind == REDEMPTION { self.slot(event, 5)?.extract()? } else { 0 };
+        let channel = if kind == ENROLLMENT { self.optional(event, 7)? } else { None };
+        let tier = if kind == PURCHASE || kind == ENROLLMENT { self.optional(event, 8)? } else { None };
         let (nps, csat, comment) = if kind == SURVEY {
             (
                 self.optional(event, 9)?.map(|n| n.extract::<i64>()).transpose()?,
@@ -325,8 +334,8 @@ impl Reader {
             amount,
             points,
             margin,
-            channel: self.optional(event, 7)?,
-            tier: self.optional(event, 8)?,
+            channel,
+            tier,
             nps,
             csat,
             comment,
@@ -368,7 +377,7 @@ struct Member {
     points_earned: i64,
     points_redeemed: i64,
     last_redemption: Option<i64>,
-    recent: VecDeque<Box<[u8]>>,
+    recent: VecDeque<(u64, Box<[u8]>)>,  // de-duplication keys and their hashes, oldest first
     lots: Vec<Lot>,
     redemptions: Vec<Lot>,
     remaining: Vec<i64>,
@@ -473,10 +482,13 @@ impl Member {
 
     /// `MemberState.seen`: whether the key was applied; remembers it if not (the last `bound`).
     fn seen(&mut self, key: &[u8], bound: usize) -> bool {
-        if self.recent.iter().any(|k| &k[..] == key) {
+        let mut hasher = Fx::default();
+        hasher.write(key);
+        let hash = hasher.finish();
+        if self.recent.iter().any(|(h, k)| *h == hash && &k[..] == key) {
             return true;
         }
-        self.recent.push_back(key.into());
+        self.recent.push_back((hash, key.into()));
         if self.recent.len() > bound {
             self.recent.pop_front();
         }
@@ -944,6 +956,7 @@ pub struct Core {
     duplicates: u64,
 
     signals: Vec<SignalRecord>,
+    scratch: Vec<u8>,
     comments: Vec<(PyObject, i64)>,
     churn: Vec<ChurnRecord>,
 }
@@ -1053,15 +1066,22 @@ impl Core {
 
     fn apply_member_event(&mut self, ev: &Ev<'_>) -> PyResult<()> {
         let member_key = ev.member_id.as_deref().unwrap();
-        let mut key = Vec::with_capacity(ev.event_id.len() + 1);
+        let mut key = std::mem::take(&mut self.scratch); // no allocation per event
+        key.clear();
         key.push(TYPE_LETTERS[ev.kind as usize]);
         key.extend_from_slice(&ev.event_id);
+        let result = self.apply_keyed(ev, member_key, &key);
+        self.scratch = key;
+        result
+    }
+
+    fn apply_keyed(&mut self, ev: &Ev<'_>, member_key: &[u8], key: &[u8]) -> PyResult<()> {
         let bucket_ms = self.bucket_ms;
         let (index, old_view) = match self.member_index.get(member_key) {
             Some(index) => {
                 let index = *index;
                 let member = &mut self.members[index as usize];
-                if member.seen(&key, self.dedupe_per_member) {
+                if member.seen(key, self.dedupe_per_member) {
                     self.duplicates += 1;
                     return Ok(());
                 }
@@ -1071,7 +1091,7 @@ impl Core {
                 let index = self.members.len() as u32;
                 let id = ev.member_obj.as_ref().unwrap().downcast::<PyString>()?.clone().unbind();
                 let mut member = Member::new(id, member_key.into());
-                member.seen(&key, self.dedupe_per_member);
+                member.seen(key, self.dedupe_per_member);
                 self.members.push(member);
                 self.member_index.insert(member_key.into(), index);
                 (index, None)
@@ -1210,10 +1230,15 @@ impl Core {
         buckets
     }
 
-    fn sorted_members(&self, index: &Map<i64, Set<u32>>, bucket: i64) -> Vec<u32> {
-        let mut ids: Vec<u32> = index.get(&bucket).map(|s| s.iter().copied().collect()).unwrap_or_default();
-        ids.sort_unstable_by(|a, b| self.members[*a as usize].key.cmp(&self.members[*b as usize].key));
-        ids
+    fn members_of(&self, index: &Map<i64, Set<u32>>, bucket: i64) -> Vec<u32> {
+        index.get(&bucket).map(|s| s.iter().copied().collect()).unwrap_or_default()
+    }
+
+    fn sort_signals(&mut self, start: usize) {
+        let members = &self.members;
+        if self.signals.len() - start > 1 {
+            self.signals[start..].sort_by(|a, b| members[a.member as usize].key.cmp(&members[b.member as usize].key));
+        }
     }
 
     fn advance_to(&mut self, k: i64) {
@@ -1240,15 +1265,23 @@ impl Core {
                 (touch, expiry)
             }
         };
+        // The Python core visits a bucket's members in id order, so that the signals of one
+        // as_of come in the same order in every run. A visit changes only that member, so the
+        // same signals come from visiting them in any order and sorting the bucket's signals
+        // by member id (stable: a member's own notices keep their order): fewer to sort.
         for bucket in touch_buckets {
-            for member in self.sorted_members(&self.touch_index, bucket) {
+            let start = self.signals.len();
+            for member in self.members_of(&self.touch_index, bucket) {
                 self.update_status(member);
             }
+            self.sort_signals(start);
         }
         for bucket in expiry_buckets {
-            for member in self.sorted_members(&self.expiry_index, bucket) {
+            let start = self.signals.len();
+            for member in self.members_of(&self.expiry_index, bucket) {
                 self.expiry_notices(member, k);
             }
+            self.sort_signals(start);
         }
         self.forget_churned();
         self.trim_history();
@@ -1289,26 +1322,28 @@ impl Core {
         let snapshots = if ks.end - ks.start <= 4 {
             // the usual move of one bucket: a pass over the two histograms per bucket, cheaper
             // than sorting them
+            let windows = &self.churn_windows;
             ks.map(|at| {
-                let pairs = self
-                    .churn_windows
-                    .iter()
-                    .map(|w| {
-                        let (lo, hi) = (at - w - h + 1, at - h);
-                        let (mut num, mut touched) = (0, 0);
-                        for (bucket, count) in touch_hist {
-                            if *bucket >= lo {
-                                touched += count;
-                                if *bucket <= hi {
-                                    num += count;
-                                }
+                let (mut num, mut touched, mut enrolled) =
+                    (vec![0; windows.len()], vec![0; windows.len()], vec![0; windows.len()]);
+                for (bucket, count) in touch_hist {
+                    for (j, w) in windows.iter().enumerate() {
+                        if *bucket > at - w - h {
+                            touched[j] += count;
+                            if *bucket <= at - h {
+                                num[j] += count;
                             }
                         }
-                        let since = at - w + 1;
-                        let enrolled: i64 = enrolled_hist.iter().filter(|(b, _)| **b >= since).map(|(_, c)| c).sum();
-                        (*w, num, touched - enrolled)
-                    })
-                    .collect();
+                    }
+                }
+                for (bucket, count) in enrolled_hist {
+                    for (j, w) in windows.iter().enumerate() {
+                        if *bucket > at - w {
+                            enrolled[j] += count;
+                        }
+                    }
+                }
+                let pairs = (0..windows.len()).map(|j| (windows[j], num[j], touched[j] - enrolled[j])).collect();
                 (at, pairs)
             })
             .collect()
@@ -1490,6 +1525,7 @@ impl Core {
             applied: 0,
             duplicates: 0,
             signals: Vec::new(),
+            scratch: Vec::new(),
             comments: Vec::new(),
             churn: Vec::new(),
         })
