@@ -72,7 +72,7 @@ type Set<K> = HashSet<K, BuildHasherDefault<Fx>>;
 /// A Python number of an aggregate: an int until a float is added to it.
 #[derive(Clone, Copy, Debug)]
 pub enum Num {
-    I(i64),
+    I(i128),
     F(f64),
 }
 
@@ -81,8 +81,8 @@ impl Num {
     fn plus(self, other: Num) -> Num {
         match (self, other) {
             (Num::I(a), Num::I(b)) => Num::I(a + b),
-            (Num::I(a), Num::F(b)) => Num::F(a as f64 + b),
-            (Num::F(a), Num::I(b)) => Num::F(a + b as f64),
+            (Num::I(a), Num::F(b)) => Num::F(int_to_float(a) + b),
+            (Num::F(a), Num::I(b)) => Num::F(a + int_to_float(b)),
             (Num::F(a), Num::F(b)) => Num::F(a + b),
         }
     }
@@ -101,6 +101,12 @@ impl Num {
             Num::F(a) => PyFloat::new(py, a).into_any().unbind(),
         }
     }
+}
+
+/// `float(int)`: rounded to the nearest double, as Python does (`as` rounds to nearest too).
+#[inline]
+fn int_to_float(a: i128) -> f64 {
+    a as f64
 }
 
 /// `kpis._add`: add to a histogram entry; an entry that comes to zero is no entry.
@@ -192,7 +198,7 @@ struct Ev<'py> {
     member_obj: Option<Bound<'py, PyAny>>,
     ts: i64,
     amount: Option<Num>,
-    points: i64,
+    points: i128,
     margin: Option<Num>,
     channel: Option<Bound<'py, PyAny>>,
     tier: Option<Bound<'py, PyAny>>,
@@ -234,7 +240,7 @@ fn number(value: &Bound<'_, PyAny>) -> PyResult<Num> {
     if value.is_instance_of::<PyFloat>() {
         return Ok(Num::F(value.extract::<f64>()?));
     }
-    Ok(Num::I(value.extract::<i64>()?))
+    Ok(Num::I(value.extract::<i128>()?))
 }
 
 /// Reads `Event` objects through the member descriptors of their slots (no attribute lookup).
@@ -313,7 +319,7 @@ impl Reader {
         } else {
             (None, None)
         };
-        let points: i64 = if kind == PURCHASE || kind == REDEMPTION { self.slot(event, 5)?.extract()? } else { 0 };
+        let points: i128 = if kind == PURCHASE || kind == REDEMPTION { self.slot(event, 5)?.extract()? } else { 0 };
         let channel = if kind == ENROLLMENT { self.optional(event, 7)? } else { None };
         let tier = if kind == PURCHASE || kind == ENROLLMENT { self.optional(event, 8)? } else { None };
         let (nps, csat, comment) = if kind == SURVEY {
@@ -353,11 +359,11 @@ const CHURNED: u8 = 2;
 struct Lot {
     ts: i64,
     id: Box<[u8]>,
-    points: i64,
+    points: i128,
 }
 
 /// The lots a points event changed: (lot index, remaining before, or None for a new lot).
-type LotChanges = Vec<(usize, Option<i64>)>;
+type LotChanges = Vec<(usize, Option<i128>)>;
 
 /// `member.MemberState`, the fields the aggregates read (not the segments' or CLV's).
 struct Member {
@@ -374,14 +380,14 @@ struct Member {
     prev_purchase: Option<i64>,
     first_purchase: Option<i64>,
     purchase_count: i64,
-    points_earned: i64,
-    points_redeemed: i64,
+    points_earned: i128,
+    points_redeemed: i128,
     last_redemption: Option<i64>,
     recent: VecDeque<(u64, Box<[u8]>)>,  // de-duplication keys and their hashes, oldest first
     lots: Vec<Lot>,
     redemptions: Vec<Lot>,
-    remaining: Vec<i64>,
-    unbacked: i64,
+    remaining: Vec<i128>,
+    unbacked: i128,
     status: u8,
     notified_expiry: Vec<i64>,
     months: Vec<i64>,
@@ -412,8 +418,8 @@ fn insert_sorted(items: &mut Vec<Lot>, item: Lot) -> usize {
 }
 
 /// `member.allocate_points`: FIFO allocation of redemptions to lots, in event-time order.
-fn allocate_points(lots: &[Lot], redemptions: &[Lot], validity: i64) -> (Vec<i64>, i64) {
-    let mut remaining: Vec<i64> = lots.iter().map(|lot| lot.points).collect();
+fn allocate_points(lots: &[Lot], redemptions: &[Lot], validity: i64) -> (Vec<i128>, i128) {
+    let mut remaining: Vec<i128> = lots.iter().map(|lot| lot.points).collect();
     let mut unbacked = 0;
     let mut first = 0;
     let count = lots.len();
@@ -641,7 +647,7 @@ impl Member {
     }
 
     fn reallocate(&mut self, validity: i64, inserted: Option<usize>) -> LotChanges {
-        let mut before: Vec<Option<i64>> = self.remaining.iter().map(|r| Some(*r)).collect();
+        let mut before: Vec<Option<i128>> = self.remaining.iter().map(|r| Some(*r)).collect();
         if let Some(index) = inserted {
             before.insert(index, None);
         }
@@ -667,7 +673,7 @@ impl Member {
     }
 
     /// (expiry bucket, remaining) of the lots whose expiry bucket is in (after, upto].
-    fn lots_expiring(&self, after: i64, upto: i64, validity: i64, bucket_ms: i64) -> Vec<(i64, i64)> {
+    fn lots_expiring(&self, after: i64, upto: i64, validity: i64, bucket_ms: i64) -> Vec<(i64, i128)> {
         if !self.has_lots_expiring(after, upto, validity, bucket_ms) {
             return Vec::new();
         }
@@ -721,8 +727,8 @@ struct Aggs {
     members: i64,
     purchasers: i64,
     lifetime_spend: Num,
-    points_balance: i64,
-    unbacked: i64,
+    points_balance: i128,
+    unbacked: i128,
     cohort_members: Map<i64, i64>,
     cohort_active: Map<i64, Map<i64, i64>>,
     cohort_max: Map<i64, Map<i64, i64>>,
@@ -791,7 +797,7 @@ impl Aggs {
         }
     }
 
-    fn add_lot(&mut self, expiry: i64, points: i64, remaining: i64) {
+    fn add_lot(&mut self, expiry: i64, points: i128, remaining: i128) {
         let expiry = self.clamp(expiry);
         add_num(&mut self.sums[LOT_POINTS], expiry, Num::I(points));
         add_num(&mut self.sums[LOT_REMAINING], expiry, Num::I(remaining));
@@ -912,7 +918,7 @@ struct SignalRecord {
     signal: &'static str,
     k: i64,
     last_touch: i64,
-    notice: Option<(i64, i64)>,
+    notice: Option<(i128, i64)>,
 }
 
 /// A clock move's churn snapshots: (the oldest bucket still needed, [(K, [(w, num, den)])]).
@@ -1408,7 +1414,7 @@ impl Core {
         let horizon = k + self.notice;
         let bucket_ms = self.bucket_ms;
         let member = &mut self.members[index as usize];
-        let mut due: Vec<(i64, i64)> = Vec::new();
+        let mut due: Vec<(i64, i128)> = Vec::new();
         for (expiry, remaining) in member.lots_expiring(k, horizon, validity, bucket_ms) {
             if remaining != 0 && !member.notified_expiry.contains(&expiry) {
                 match due.iter_mut().find(|(e, _)| *e == expiry) {

@@ -73,6 +73,9 @@ fn optional_finite(value: &Option<Value>) -> Option<Option<f64>> {
     }
 }
 
+/// The most points one event can carry (`events.MAX_POINTS`): more is a dead letter.
+pub const MAX_POINTS: i64 = (1 << 53) - 1;
+
 fn int_in(value: &Option<Value>, low: i64, high: i64) -> Option<Option<i64>> {
     match value {
         None => Some(None),
@@ -114,13 +117,13 @@ pub fn valid_event<'a>(fields: &Fields<'a>, kind: Option<usize>) -> Option<Parse
                 return None;
             }
             event.amount = Some(amount);
-            event.points = int_in(&fields[json::POINTS], 0, i64::MAX)?.unwrap_or(0);
+            event.points = int_in(&fields[json::POINTS], 0, MAX_POINTS)?.unwrap_or(0);
             event.margin = optional_finite(&fields[json::MARGIN])?;
             (event.channel, event.tier, event.store_id) = (channel, tier, store_id);
         }
         REDEMPTION => {
             event.member_id.as_ref()?;
-            event.points = int_in(&fields[json::POINTS], 1, i64::MAX)??;
+            event.points = int_in(&fields[json::POINTS], 1, MAX_POINTS)??;
             event.value = optional_finite(&fields[json::VALUE])?;
             if event.value.is_some_and(|value| value < 0.0) {
                 return None;

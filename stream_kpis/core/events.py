@@ -25,6 +25,7 @@ __all__ = [
     "Event",
     "DeadLetter",
     "EventParser",
+    "MAX_POINTS",
 ]
 
 PURCHASE = "purchase"
@@ -50,6 +51,9 @@ REASONS = (
 
 _MAX_TS = 4_102_444_800_000  # 2100-01-01T00:00:00Z: later timestamps are data errors
 _MAX_ID_LEN = 256
+#: The most points one event can carry: 2**53 - 1, the largest integer a KPI record's JSON number
+#: (a double to most readers, and to Prometheus) holds exactly. More is a data error (bad_value).
+MAX_POINTS = 2**53 - 1
 _OPTIONAL_STRINGS = ("channel", "tier", "store_id", "currency", "reward_id", "comment")
 
 
@@ -198,14 +202,14 @@ def _purchase(obj: Mapping[str, Any], event_id: str, ts: int) -> Event:
     if amount < 0:
         raise _Invalid("negative_amount", "amount must be >= 0")
     return Event(PURCHASE, event_id, _id(obj, "member_id", False), ts, amount=amount,
-                 points=_int_in(obj, "points", 0, None) or 0, margin=_number(obj, "margin", False),
+                 points=_int_in(obj, "points", 0, MAX_POINTS) or 0, margin=_number(obj, "margin", False),
                  channel=obj.get("channel"), tier=obj.get("tier"), store_id=obj.get("store_id"))
 
 
 def _redemption(obj: Mapping[str, Any], event_id: str, ts: int) -> Event:
     member_id = _id(obj, "member_id", True)
     _require(obj, "points")
-    points = _int_in(obj, "points", 1, None)
+    points = _int_in(obj, "points", 1, MAX_POINTS)
     value = _number(obj, "value", False)
     if value is not None and value < 0:
         raise _Invalid("bad_value", "value must be >= 0")
@@ -334,7 +338,7 @@ def _valid_event(obj: dict, event_type: str | None) -> Event | None:
         points = get("points")
         if points is None:
             points = 0
-        elif type(points) is not int or points < 0:
+        elif type(points) is not int or points < 0 or points > MAX_POINTS:
             return None
         margin = get("margin")
         if margin is not None:
@@ -349,7 +353,7 @@ def _valid_event(obj: dict, event_type: str | None) -> Event | None:
         return Event(ENROLLMENT, event_id, member_id, ts, channel=channel, tier=tier)
     if event_type == REDEMPTION:
         points = get("points")
-        if type(points) is not int or points < 1:
+        if type(points) is not int or points < 1 or points > MAX_POINTS:
             return None
         value = get("value")
         if value is not None:

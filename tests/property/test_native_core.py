@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from stream_kpis.core import Processor
+from stream_kpis.core.events import MAX_POINTS, DeadLetter, Event, EventParser
 from stream_kpis.core.kpis import NO_FLOOR, Aggregates
 from stream_kpis.core.native import NATIVE_ENV, native_module, native_status
 from stream_kpis.core.native_core import NativeProcessor, make_processor, native_core_gap
@@ -238,19 +239,30 @@ def test_native_core_equals_processor_with_the_clock_moved(case, cuts, clock, mo
 
 
 @needs_native
-@pytest.mark.xfail(strict=True, reason="the native core keeps points in 64 bits: a sum past "
-                   "2**63 - 1 wraps, points of 2**63 or more raise OverflowError")
-@pytest.mark.parametrize("points", [2**62, 2**63])
-def test_points_beyond_64_bits_count_as_in_python(points):
-    """EventParser sets no upper bound on points; Python's ints do not wrap."""
+def test_point_sums_past_64_bits_count_as_in_python():
+    """The native core sums points in 128 bits: 2,000 purchases of the most points an event can
+    carry come to more than 2**63, as Python's ints count them."""
     pair = _SideBySide(Settings(points_validity_ms=30 * DAY))
     pair.process_batch(_parsed([
-        {"type": "purchase", "event_id": "p1", "member_id": "m", "ts": BASE, "amount": 1.0,
-         "points": points},
-        {"type": "purchase", "event_id": "p2", "member_id": "m", "ts": BASE + HOUR, "amount": 1.0,
-         "points": points}]))
-    assert pair.expected.aggs.totals["points_balance"] == 2 * points
+        {"type": "purchase", "event_id": f"p{i}", "member_id": f"m{i % 3}", "ts": BASE + i * 1000,
+         "amount": 1.0, "points": MAX_POINTS} for i in range(2_000)]))
+    assert pair.expected.aggs.totals["points_balance"] == 2_000 * MAX_POINTS > 2**63
     pair.assert_same(evaluate=True)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("kind", ["purchase", "redemption"])
+def test_points_past_the_most_an_event_carries_are_a_dead_letter(native, kind):
+    """More than 2**53 - 1 points (what a KPI record's JSON number holds exactly) is a data
+    error, read the same by the native and the Python parser."""
+    parser = EventParser(native=native)
+    line = orjson.dumps({"type": kind, "event_id": "e1", "member_id": "m", "ts": BASE,
+                         "amount": 1.0})[:-1]  # points written by hand: orjson writes < 2**64
+    ok = parser.parse(line + b',"points":%d}' % MAX_POINTS)
+    assert isinstance(ok, Event) and ok.points == MAX_POINTS
+    for points in (MAX_POINTS + 1, 2**63, 2**64 - 1):  # (orjson reads more as a float)
+        dead = parser.parse(line + b',"points":%d}' % points)
+        assert isinstance(dead, DeadLetter) and dead.reason == "bad_value", (points, dead)
 
 
 # ---- what the native core covers, and the switch -------------------------------------------
