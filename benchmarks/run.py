@@ -697,34 +697,51 @@ def bench_memory(run: Run) -> None:
         run.facts["recovery_source"] = {"env": env, "members": large, "prefix": prefix}
     finally:
         worker.stop()
-    child = subprocess.run([PYTHON, __file__, "--child-processor-memory", str(large)],
-                           capture_output=True, text=True, timeout=run.sizes.memory_timeout, cwd=REPO)
-    if child.returncode != 0:
-        raise RuntimeError(f"processor memory child failed:\n{child.stderr[-2000:]}")
-    result = json.loads(child.stdout.strip().splitlines()[-1])
-    grown = result["after"] - result["before"]
-    run.add(Row("memory", f"replay Processor (in process) RSS with {result['members']:,} members",
-                result["after"] / 2**20, "MiB", "goal 1 GiB", result["after"] / GIB,
-                f"{result['before'] / 2**20:.0f} MiB before"),
-            Row("memory", "replay Processor RSS per member", grown / result["members"], "bytes/member"))
+    for core in ("python", "native"):
+        child = subprocess.run([PYTHON, __file__, "--child-processor-memory", str(large),
+                                "--child-core", core],
+                               capture_output=True, text=True, timeout=run.sizes.memory_timeout,
+                               cwd=REPO)
+        if child.returncode != 0:
+            raise RuntimeError(f"processor memory child failed:\n{child.stderr[-2000:]}")
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        if result.get("core") != core:  # the native core is not built, or does not cover this
+            continue
+        grown = result["after"] - result["before"]
+        name = "Processor" if core == "python" else "NativeProcessor (the native core)"
+        run.add(Row("memory", f"replay {name} (in process) RSS with {result['members']:,} members",
+                    result["after"] / 2**20, "MiB", "goal 1 GiB", result["after"] / GIB,
+                    f"{result['before'] / 2**20:.0f} MiB before"),
+                Row("memory", f"replay {name} RSS per member", grown / result["members"],
+                    "bytes/member"))
 
 
-def child_processor_memory(members: int) -> None:
-    """In a fresh process: RSS of a replay Processor before and after ``members`` members."""
+def child_processor_memory(members: int, core: str) -> None:
+    """In a fresh process: RSS of a replay core (``python``: Processor; ``native``:
+    NativeProcessor when built) before and after ``members`` members."""
     import gc
 
     from stream_kpis.core import Processor
     from stream_kpis.core.events import EventParser
+    from stream_kpis.core.native_core import make_processor
 
     parser = EventParser()
-    processor = Processor(Settings())
+    settings = Settings()
+    processor = Processor(settings) if core == "python" else make_processor(settings)
     gc.collect()
     before = common.rss_bytes(os.getpid())
+    batch = []
     for _, _, value in member_purchases(0, members, members):
-        processor.process(parser.parse(value, "purchase"))
+        batch.append(parser.parse(value, "purchase"))
+        if len(batch) == 4096:
+            processor.process_batch(batch)
+            batch = []
+    processor.process_batch(batch)
+    batch = []
     gc.collect()
     after = common.rss_bytes(os.getpid())
-    print(json.dumps({"before": before, "after": after,
+    used = "python" if type(processor) is Processor else "native"
+    print(json.dumps({"before": before, "after": after, "core": used,
                       "members": int(processor.aggs.totals["members"])}))
 
 
@@ -1073,9 +1090,10 @@ def main() -> int:
                         "and recovery benches with py-spy and print where their time goes (those "
                         "rows are then measured under the profiler)")
     parser.add_argument("--child-processor-memory", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-core", default="python", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_processor_memory:
-        child_processor_memory(args.child_processor_memory)
+        child_processor_memory(args.child_processor_memory, args.child_core)
         return 0
 
     names = selected(args.only)

@@ -13,6 +13,7 @@ use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::rc::Rc;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
@@ -195,7 +196,6 @@ struct Ev<'py> {
     kind: u8,
     event_id: Cow<'py, [u8]>,
     member_id: Option<Cow<'py, [u8]>>,
-    member_obj: Option<Bound<'py, PyAny>>,
     ts: i64,
     amount: Option<Num>,
     points: i128,
@@ -230,6 +230,21 @@ fn text_bytes<'py>(text: &Bound<'py, PyAny>) -> PyResult<Cow<'py, [u8]>> {
         let bytes = ffi::PyBytes_AsString(encoded.as_ptr()) as *const u8;
         let size = ffi::PyBytes_Size(encoded.as_ptr()) as usize;
         Ok(Cow::Owned(std::slice::from_raw_parts(bytes, size).to_vec()))
+    }
+}
+
+/// The str of `text_bytes`'s bytes.
+fn text_object<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyString>> {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        return Ok(PyString::new(py, text));
+    }
+    unsafe {
+        let text = ffi::PyUnicode_DecodeUTF8(
+            bytes.as_ptr() as *const _,
+            bytes.len() as ffi::Py_ssize_t,
+            c"surrogatepass".as_ptr(),
+        );
+        Ok(Bound::from_owned_ptr_or_err(py, text)?.downcast_into_unchecked())
     }
 }
 
@@ -335,7 +350,6 @@ impl Reader {
             kind,
             event_id,
             member_id,
-            member_obj,
             ts,
             amount,
             points,
@@ -365,10 +379,10 @@ struct Lot {
 /// The lots a points event changed: (lot index, remaining before, or None for a new lot).
 type LotChanges = Vec<(usize, Option<i128>)>;
 
-/// `member.MemberState`, the fields the aggregates read (not the segments' or CLV's).
+/// `member.MemberState`, the fields the aggregates read (not the segments' or CLV's). Kept
+/// small: a replay holds one per member (see `Recent` and `PointLots`).
 struct Member {
-    id: Py<PyString>,
-    key: Box<[u8]>,
+    key: Rc<[u8]>, // the member id (UTF-8, see text_bytes), shared with Core::member_index
     enrolled_ts: Option<i64>,
     enroll_key: Box<[u8]>,
     channel: u32,
@@ -380,17 +394,65 @@ struct Member {
     prev_purchase: Option<i64>,
     first_purchase: Option<i64>,
     purchase_count: i64,
-    points_earned: i128,
-    points_redeemed: i128,
     last_redemption: Option<i64>,
-    recent: VecDeque<(u64, Box<[u8]>)>,  // de-duplication keys and their hashes, oldest first
+    recent: Recent,
+    points: Option<Box<PointLots>>, // with points validity, from the first points event
+    status: u8,
+    months: Vec<i64>,
+}
+
+/// With points validity: the lots and redemptions, [ts, event_id, points] sorted by (ts,
+/// event_id), the remaining points per lot after allocation, the unbacked points, and the expiry
+/// buckets a notice was sent for.
+#[derive(Default)]
+struct PointLots {
     lots: Vec<Lot>,
     redemptions: Vec<Lot>,
     remaining: Vec<i128>,
     unbacked: i128,
-    status: u8,
     notified_expiry: Vec<i64>,
-    months: Vec<i64>,
+}
+
+/// `MemberState.recent`: the last de-duplication keys, oldest first, in one buffer of entries
+/// [hash: u32][length: u16][key bytes] (a key is a type letter and an event id of at most 256
+/// characters).
+#[derive(Default)]
+struct Recent {
+    entries: Vec<u8>,
+    count: usize,
+}
+
+impl Recent {
+    fn entry(&self, at: usize) -> (u32, &[u8], usize) {
+        let hash = u32::from_le_bytes(self.entries[at..at + 4].try_into().unwrap());
+        let len = u16::from_le_bytes(self.entries[at + 4..at + 6].try_into().unwrap()) as usize;
+        (hash, &self.entries[at + 6..at + 6 + len], at + 6 + len)
+    }
+
+    /// Whether the key is remembered; remembers it if not (the last `bound` keys).
+    fn seen(&mut self, key: &[u8], bound: usize) -> bool {
+        let mut hasher = Fx::default();
+        hasher.write(key);
+        let hash = hasher.finish() as u32;
+        let mut at = 0;
+        while at < self.entries.len() {
+            let (h, k, next) = self.entry(at);
+            if h == hash && k == key {
+                return true;
+            }
+            at = next;
+        }
+        self.entries.extend_from_slice(&hash.to_le_bytes());
+        self.entries.extend_from_slice(&(key.len() as u16).to_le_bytes());
+        self.entries.extend_from_slice(key);
+        self.count += 1;
+        if self.count > bound {
+            let (_, _, next) = self.entry(0);
+            self.entries.drain(..next);
+            self.count -= 1;
+        }
+        false
+    }
 }
 
 /// 8 histogram buckets (ENROLLED .. FIRST_PURCHASE_SINGLE of kpis.py), channel and tier.
@@ -444,9 +506,8 @@ fn allocate_points(lots: &[Lot], redemptions: &[Lot], validity: i64) -> (Vec<i12
 }
 
 impl Member {
-    fn new(id: Py<PyString>, key: Box<[u8]>) -> Member {
+    fn new(key: Rc<[u8]>) -> Member {
         Member {
-            id,
             key,
             enrolled_ts: None,
             enroll_key: Box::default(),
@@ -459,18 +520,20 @@ impl Member {
             prev_purchase: None,
             first_purchase: None,
             purchase_count: 0,
-            points_earned: 0,
-            points_redeemed: 0,
             last_redemption: None,
-            recent: VecDeque::new(),
-            lots: Vec::new(),
-            redemptions: Vec::new(),
-            remaining: Vec::new(),
-            unbacked: 0,
+            recent: Recent::default(),
+            points: None,
             status: ACTIVE,
-            notified_expiry: Vec::new(),
             months: Vec::new(),
         }
+    }
+
+    fn unbacked(&self) -> i128 {
+        self.points.as_ref().map_or(0, |p| p.unbacked)
+    }
+
+    fn lots(&self) -> &[Lot] {
+        self.points.as_ref().map_or(&[], |p| &p.lots)
     }
 
     fn enrolled_at(&self) -> Option<i64> {
@@ -488,17 +551,7 @@ impl Member {
 
     /// `MemberState.seen`: whether the key was applied; remembers it if not (the last `bound`).
     fn seen(&mut self, key: &[u8], bound: usize) -> bool {
-        let mut hasher = Fx::default();
-        hasher.write(key);
-        let hash = hasher.finish();
-        if self.recent.iter().any(|(h, k)| *h == hash && &k[..] == key) {
-            return true;
-        }
-        self.recent.push_back((hash, key.into()));
-        if self.recent.len() > bound {
-            self.recent.pop_front();
-        }
-        false
+        self.recent.seen(key, bound)
     }
 
     fn view(&self, bucket_ms: i64) -> View {
@@ -571,7 +624,6 @@ impl Member {
                     self.first_purchase = Some(ts);
                 }
                 if ev.points != 0 {
-                    self.points_earned += ev.points;
                     if let Some(validity) = validity {
                         let lot = Lot { ts, id: ev.event_id.as_ref().into(), points: ev.points };
                         changes = Some(self.add_lot(lot, validity));
@@ -581,7 +633,6 @@ impl Member {
             }
             REDEMPTION => {
                 self.activity(ts);
-                self.points_redeemed += ev.points;
                 if self.last_redemption.map_or(true, |r| ts > r) {
                     self.last_redemption = Some(ts);
                 }
@@ -610,42 +661,80 @@ impl Member {
     fn add_lot(&mut self, lot: Lot, validity: i64) -> LotChanges {
         let ts = lot.ts;
         let points = lot.points;
-        let index = insert_sorted(&mut self.lots, lot);
-        if index == self.remaining.len() && self.redemptions.last().map_or(true, |r| r.ts < ts) {
-            self.remaining.push(points);
+        let p = self.points.get_or_insert_with(Box::default);
+        let index = insert_sorted(&mut p.lots, lot);
+        if index == p.remaining.len() && p.redemptions.last().map_or(true, |r| r.ts < ts) {
+            p.remaining.push(points);
             return vec![(index, None)];
         }
-        self.reallocate(validity, Some(index))
+        p.reallocate(validity, Some(index))
     }
 
     fn add_redemption(&mut self, redemption: Lot, validity: i64) -> LotChanges {
         let r = redemption.ts;
         let mut need = redemption.points;
-        let index = insert_sorted(&mut self.redemptions, redemption);
-        if index < self.redemptions.len() - 1 || self.remaining.len() != self.lots.len() {
-            return self.reallocate(validity, None);
+        let p = self.points.get_or_insert_with(Box::default);
+        let index = insert_sorted(&mut p.redemptions, redemption);
+        if index < p.redemptions.len() - 1 || p.remaining.len() != p.lots.len() {
+            return p.reallocate(validity, None);
         }
-        let lots = &self.lots;
+        let lots = &p.lots;
         let start = lots.partition_point(|lot| lot.ts <= r - validity);
         let end = start + lots[start..].partition_point(|lot| lot.ts <= r);
         let mut changes = Vec::new();
         for i in start..end {
-            let before = self.remaining[i];
+            let before = p.remaining[i];
             if before == 0 {
                 continue;
             }
             let take = need.min(before);
-            self.remaining[i] = before - take;
+            p.remaining[i] = before - take;
             need -= take;
             changes.push((i, Some(before)));
             if need == 0 {
                 break;
             }
         }
-        self.unbacked += need;
+        p.unbacked += need;
         changes
     }
 
+    fn has_lots_expiring(&self, after: i64, upto: i64, validity: i64, bucket_ms: i64) -> bool {
+        let lots = self.lots();
+        match (lots.first(), lots.last()) {
+            (Some(first), Some(last)) => {
+                first.ts < (upto + 1) * bucket_ms - validity && last.ts >= (after + 1) * bucket_ms - validity
+            }
+            _ => false,
+        }
+    }
+
+    /// (expiry bucket, remaining) of the lots whose expiry bucket is in (after, upto].
+    fn lots_expiring(&self, after: i64, upto: i64, validity: i64, bucket_ms: i64) -> Vec<(i64, i128)> {
+        let Some(p) = self.points.as_ref().filter(|_| self.has_lots_expiring(after, upto, validity, bucket_ms)) else {
+            return Vec::new();
+        };
+        let first_ts = (after + 1) * bucket_ms - validity;
+        let end_ts = (upto + 1) * bucket_ms - validity;
+        let start = p.lots.partition_point(|lot| lot.ts < first_ts);
+        let end = start + p.lots[start..].partition_point(|lot| lot.ts < end_ts);
+        (start..end)
+            .map(|i| (floor_div(p.lots[i].ts + validity, bucket_ms), p.remaining[i]))
+            .collect()
+    }
+
+    fn add_month(&mut self, month: i64) -> bool {
+        match self.months.binary_search(&month) {
+            Ok(_) => false,
+            Err(at) => {
+                self.months.insert(at, month);
+                true
+            }
+        }
+    }
+}
+
+impl PointLots {
     fn reallocate(&mut self, validity: i64, inserted: Option<usize>) -> LotChanges {
         let mut before: Vec<Option<i128>> = self.remaining.iter().map(|r| Some(*r)).collect();
         if let Some(index) = inserted {
@@ -661,39 +750,6 @@ impl Member {
             .filter(|(_, (old, new))| *old != Some(**new))
             .map(|(i, (old, _))| (i, old))
             .collect()
-    }
-
-    fn has_lots_expiring(&self, after: i64, upto: i64, validity: i64, bucket_ms: i64) -> bool {
-        match (self.lots.first(), self.lots.last()) {
-            (Some(first), Some(last)) => {
-                first.ts < (upto + 1) * bucket_ms - validity && last.ts >= (after + 1) * bucket_ms - validity
-            }
-            _ => false,
-        }
-    }
-
-    /// (expiry bucket, remaining) of the lots whose expiry bucket is in (after, upto].
-    fn lots_expiring(&self, after: i64, upto: i64, validity: i64, bucket_ms: i64) -> Vec<(i64, i128)> {
-        if !self.has_lots_expiring(after, upto, validity, bucket_ms) {
-            return Vec::new();
-        }
-        let first_ts = (after + 1) * bucket_ms - validity;
-        let end_ts = (upto + 1) * bucket_ms - validity;
-        let start = self.lots.partition_point(|lot| lot.ts < first_ts);
-        let end = start + self.lots[start..].partition_point(|lot| lot.ts < end_ts);
-        (start..end)
-            .map(|i| (floor_div(self.lots[i].ts + validity, bucket_ms), self.remaining[i]))
-            .collect()
-    }
-
-    fn add_month(&mut self, month: i64) -> bool {
-        match self.months.binary_search(&month) {
-            Ok(_) => false,
-            Err(at) => {
-                self.months.insert(at, month);
-                true
-            }
-        }
     }
 }
 
@@ -945,7 +1001,7 @@ pub struct Core {
     keep_signals: bool,
 
     members: Vec<Member>,
-    member_index: Map<Box<[u8]>, u32>,
+    member_index: Map<Rc<[u8]>, u32>,
     names: Vec<Py<PyString>>,
     name_index: Map<Box<[u8]>, u32>,
     aggs: Aggs,
@@ -1095,11 +1151,11 @@ impl Core {
             }
             None => {
                 let index = self.members.len() as u32;
-                let id = ev.member_obj.as_ref().unwrap().downcast::<PyString>()?.clone().unbind();
-                let mut member = Member::new(id, member_key.into());
+                let id: Rc<[u8]> = member_key.into();
+                let mut member = Member::new(id.clone());
                 member.seen(key, self.dedupe_per_member);
                 self.members.push(member);
-                self.member_index.insert(member_key.into(), index);
+                self.member_index.insert(id, index);
                 (index, None)
             }
         };
@@ -1121,10 +1177,10 @@ impl Core {
         };
         let had_purchase = member.purchase_count > 0;
         let points_event = validity.is_some() && (ev.kind == REDEMPTION || ev.points != 0);
-        let old_unbacked = member.unbacked;
+        let old_unbacked = member.unbacked();
         let changes = member.apply(ev, validity, channel, tier);
         let new_view = member.view(bucket_ms);
-        let unbacked = member.unbacked;
+        let unbacked = member.unbacked();
         self.aggs.move_member(old_view.as_ref(), &new_view);
         match ev.kind {
             PURCHASE => {
@@ -1175,17 +1231,17 @@ impl Core {
     }
 
     fn move_lots(&mut self, index: u32, changes: &LotChanges, validity: i64) {
-        let member = &self.members[index as usize];
+        let Some(p) = self.members[index as usize].points.as_ref() else { return };
         let mut deltas = Vec::with_capacity(changes.len());
         for (i, before) in changes {
-            let lot = &member.lots[*i];
+            let lot = &p.lots[*i];
             let expiry = floor_div(lot.ts + validity, self.bucket_ms);
             match before {
                 None => {
-                    deltas.push((expiry, lot.points, member.remaining[*i]));
+                    deltas.push((expiry, lot.points, p.remaining[*i]));
                     self.expiry_index.entry(expiry).or_default().insert(index);
                 }
-                Some(before) => deltas.push((expiry, 0, member.remaining[*i] - before)),
+                Some(before) => deltas.push((expiry, 0, p.remaining[*i] - before)),
             }
         }
         for (expiry, points, remaining) in deltas {
@@ -1414,9 +1470,12 @@ impl Core {
         let horizon = k + self.notice;
         let bucket_ms = self.bucket_ms;
         let member = &mut self.members[index as usize];
+        let touch = member.last_touch().unwrap_or(0);
+        let expiring = member.lots_expiring(k, horizon, validity, bucket_ms);
+        let Some(p) = member.points.as_mut() else { return };
         let mut due: Vec<(i64, i128)> = Vec::new();
-        for (expiry, remaining) in member.lots_expiring(k, horizon, validity, bucket_ms) {
-            if remaining != 0 && !member.notified_expiry.contains(&expiry) {
+        for (expiry, remaining) in expiring {
+            if remaining != 0 && !p.notified_expiry.contains(&expiry) {
                 match due.iter_mut().find(|(e, _)| *e == expiry) {
                     Some(entry) => entry.1 += remaining,
                     None => due.push((expiry, remaining)),
@@ -1426,11 +1485,10 @@ impl Core {
         if due.is_empty() {
             return;
         }
-        member.notified_expiry.retain(|e| *e > k);
+        p.notified_expiry.retain(|e| *e > k);
         due.sort_unstable();
-        let touch = member.last_touch().unwrap_or(0);
         for (expiry, points) in due {
-            member.notified_expiry.push(expiry);
+            p.notified_expiry.push(expiry);
             if self.keep_signals {
                 self.signals.push(SignalRecord {
                     member: index,
@@ -1581,7 +1639,7 @@ impl Core {
                 None => (None, None),
             };
             let item = (
-                self.members[record.member as usize].id.clone_ref(py),
+                text_object(py, &self.members[record.member as usize].key)?,
                 record.signal,
                 record.k,
                 record.last_touch,
