@@ -88,6 +88,35 @@ impl Num {
         }
     }
 
+    /// `self - other`, as Python subtracts (IEEE subtraction for floats).
+    #[inline]
+    fn minus(self, other: Num) -> Num {
+        match (self, other) {
+            (Num::I(a), Num::I(b)) => Num::I(a - b),
+            (Num::I(a), Num::F(b)) => Num::F(int_to_float(a) - b),
+            (Num::F(a), Num::I(b)) => Num::F(a - int_to_float(b)),
+            (Num::F(a), Num::F(b)) => Num::F(a - b),
+        }
+    }
+
+    /// `sign * self` for a sign of 1 or -1 (an int times a float is a float).
+    #[inline]
+    fn times(self, sign: i64) -> Num {
+        match self {
+            Num::I(a) => Num::I(sign as i128 * a),
+            Num::F(a) => Num::F(sign as f64 * a),
+        }
+    }
+
+    /// Python's `==` of two numbers (an int equals the float of the same value).
+    fn same(self, other: Num) -> bool {
+        match (self, other) {
+            (Num::I(a), Num::I(b)) => a == b,
+            (Num::F(a), Num::F(b)) => a == b,
+            (Num::I(a), Num::F(b)) | (Num::F(b), Num::I(a)) => b.fract() == 0.0 && b.is_finite() && (b as i128) == a && (a as f64) == b,
+        }
+    }
+
     #[inline]
     fn is_zero(self) -> bool {
         match self {
@@ -186,9 +215,9 @@ const TYPE_NAMES: [&str; 4] = ["purchase", "redemption", "enrollment", "survey"]
 const TYPE_LETTERS: [u8; 4] = [b'p', b'r', b'e', b's'];
 
 /// The `Event` slots the core reads, by index into `Reader::slots`.
-const FIELDS: [&str; 12] = [
+const FIELDS: [&str; 13] = [
     "type", "event_id", "member_id", "ts", "amount", "points", "margin", "channel", "tier", "nps",
-    "csat", "comment",
+    "csat", "comment", "store_id",
 ];
 
 /// One event's fields, borrowed from the `Event` object for the time it is applied.
@@ -202,6 +231,7 @@ struct Ev<'py> {
     margin: Option<Num>,
     channel: Option<Bound<'py, PyAny>>,
     tier: Option<Bound<'py, PyAny>>,
+    store_id: Option<Bound<'py, PyAny>>,
     nps: Option<i64>,
     csat: Option<i64>,
     comment: Option<Bound<'py, PyAny>>,
@@ -335,7 +365,8 @@ impl Reader {
             (None, None)
         };
         let points: i128 = if kind == PURCHASE || kind == REDEMPTION { self.slot(event, 5)?.extract()? } else { 0 };
-        let channel = if kind == ENROLLMENT { self.optional(event, 7)? } else { None };
+        let channel = if kind == ENROLLMENT || kind == PURCHASE { self.optional(event, 7)? } else { None };
+        let store_id = if kind == PURCHASE { self.optional(event, 12)? } else { None };
         let tier = if kind == PURCHASE || kind == ENROLLMENT { self.optional(event, 8)? } else { None };
         let (nps, csat, comment) = if kind == SURVEY {
             (
@@ -356,6 +387,7 @@ impl Reader {
             margin,
             channel,
             tier,
+            store_id,
             nps,
             csat,
             comment,
@@ -394,7 +426,11 @@ struct Member {
     prev_purchase: Option<i64>,
     first_purchase: Option<i64>,
     purchase_count: i64,
+    lifetime_spend: Num,
+    balance: i128, // points earned - points redeemed
     last_redemption: Option<i64>,
+    home_store: u32,
+    home_key: Option<(i64, Box<[u8]>)>,
     recent: Recent,
     points: Option<Box<PointLots>>, // with points validity, from the first points event
     status: u8,
@@ -520,7 +556,11 @@ impl Member {
             prev_purchase: None,
             first_purchase: None,
             purchase_count: 0,
+            lifetime_spend: Num::F(0.0),
+            balance: 0,
             last_redemption: None,
+            home_store: 0,
+            home_key: None,
             recent: Recent::default(),
             points: None,
             status: ACTIVE,
@@ -602,13 +642,15 @@ impl Member {
     }
 
     /// `MemberState.apply` (channel and tier interned by the caller).
-    fn apply(&mut self, ev: &Ev<'_>, validity: Option<i64>, channel: u32, tier: Option<u32>) -> Option<LotChanges> {
+    fn apply(&mut self, ev: &Ev<'_>, validity: Option<i64>, channel: u32, tier: Option<u32>, store: Option<u32>) -> Option<LotChanges> {
         let ts = ev.ts;
         let mut changes = None;
         match ev.kind {
             PURCHASE => {
                 self.activity(ts);
                 self.purchase_count += 1;
+                self.lifetime_spend = self.lifetime_spend.plus(ev.amount.unwrap_or(Num::I(0)));
+                self.balance += ev.points;
                 match self.last_purchase {
                     Some(last) if ts < last => {
                         if self.prev_purchase.map_or(true, |p| ts > p) {
@@ -630,9 +672,20 @@ impl Member {
                     }
                 }
                 self.maybe_tier(ev, tier);
+                if let Some(store) = store {
+                    let earlier = match &self.home_key {
+                        None => true,
+                        Some((t, id)) => (ts, &ev.event_id[..]) < (*t, &id[..]),
+                    };
+                    if earlier {
+                        self.home_key = Some((ts, ev.event_id.as_ref().into()));
+                        self.home_store = store;
+                    }
+                }
             }
             REDEMPTION => {
                 self.activity(ts);
+                self.balance -= ev.points;
                 if self.last_redemption.map_or(true, |r| ts > r) {
                     self.last_redemption = Some(ts);
                 }
@@ -930,6 +983,94 @@ impl Aggs {
     }
 }
 
+/// `kpis.Contribution`: a whole member's part of a member-dimension segment.
+struct Contribution {
+    view: View,
+    spend: Num,
+    balance: i128,
+    purchaser: bool,
+    unbacked: i128,
+    lots: Vec<(i64, i128, i128)>, // (expiry bucket, points, remaining) per lot
+}
+
+impl Contribution {
+    /// Python's `==` of the two tuples.
+    fn same(&self, other: &Contribution) -> bool {
+        self.view == other.view
+            && self.spend.same(other.spend)
+            && self.balance == other.balance
+            && self.purchaser == other.purchaser
+            && self.unbacked == other.unbacked
+            && self.lots == other.lots
+    }
+}
+
+impl Aggs {
+    fn with_floor(floor: i64) -> Aggs {
+        let mut aggs = Aggs::new();
+        aggs.floor = floor;
+        aggs
+    }
+
+    /// `Aggregates.add`: an event sum (nothing at or before the floor).
+    fn add(&mut self, sum: usize, bucket: i64, amount: Num) {
+        if bucket > self.floor {
+            add_num(&mut self.sums[sum], bucket, amount);
+        }
+    }
+
+    fn add_lots(&mut self, lots: &[(i64, i128, i128)], sign: i64) {
+        for (expiry, points, remaining) in lots {
+            let expiry = self.clamp(*expiry);
+            add_num(&mut self.sums[LOT_POINTS], expiry, Num::I(sign as i128 * points));
+            add_num(&mut self.sums[LOT_REMAINING], expiry, Num::I(sign as i128 * remaining));
+        }
+    }
+
+    /// `Aggregates.add_contribution`.
+    fn add_contribution(&mut self, c: &Contribution, sign: i64) {
+        for i in 0..8 {
+            if let Some(bucket) = c.view.buckets[i] {
+                let bucket = self.clamp(bucket);
+                add_count(&mut self.hists[i], bucket, sign);
+            }
+        }
+        self.members += sign;
+        self.lifetime_spend = self.lifetime_spend.plus(c.spend.times(sign));
+        self.points_balance += sign as i128 * c.balance;
+        self.purchasers += sign * c.purchaser as i64;
+        self.unbacked += sign as i128 * c.unbacked;
+        if !c.lots.is_empty() {
+            self.add_lots(&c.lots, sign);
+        }
+    }
+
+    /// `Aggregates.replace_contribution`.
+    fn replace_contribution(&mut self, old: &Contribution, new: &Contribution) {
+        for i in 0..8 {
+            let (before, after) = (old.view.buckets[i], new.view.buckets[i]);
+            if before != after {
+                if let Some(before) = before {
+                    let before = self.clamp(before);
+                    add_count(&mut self.hists[i], before, -1);
+                }
+                if let Some(after) = after {
+                    let after = self.clamp(after);
+                    add_count(&mut self.hists[i], after, 1);
+                }
+            }
+        }
+        self.lifetime_spend = self.lifetime_spend.plus(new.spend.minus(old.spend));
+        self.points_balance += new.balance - old.balance;
+        self.purchasers += new.purchaser as i64 - old.purchaser as i64;
+        self.unbacked += new.unbacked - old.unbacked;
+        if old.lots != new.lots {
+            self.add_lots(&old.lots, -1);
+            self.add_lots(&new.lots, 1);
+        }
+    }
+}
+
 /// Range sums over a count histogram (kpis._Ranges of ints, unclamped).
 struct Ranges {
     keys: Vec<i64>,
@@ -966,6 +1107,12 @@ impl Ranges {
 }
 
 // ---- the core ---------------------------------------------------------------------------
+
+/// The segment dimensions of SPEC 4.2 (catalogue.MEMBER_DIMENSIONS, then ORDER_DIMENSIONS).
+const DIMENSIONS: [&str; 5] = ["tier", "enrollment_channel", "home_store", "channel", "store_id"];
+const TIER: u8 = 0;
+const ENROLLMENT_CHANNEL: u8 = 1;
+const CHANNEL: u8 = 3;
 
 /// A member signal, formatted by the Python side: (member, signal, K, last touch, points,
 /// expiry bucket).
@@ -1005,6 +1152,11 @@ pub struct Core {
     names: Vec<Py<PyString>>,
     name_index: Map<Box<[u8]>, u32>,
     aggs: Aggs,
+    // SPEC 4.2: the dimensions (indexes into DIMENSIONS) in the settings' order, and the
+    // aggregates of each (dimension, value)
+    member_dims: Vec<u8>,
+    order_dims: Vec<u8>,
+    segments: Map<(u8, u32), Aggs>,
     seen: Set<Box<[u8]>>,
     seen_order: VecDeque<Box<[u8]>>,
     max_ts: Option<i64>,
@@ -1049,7 +1201,7 @@ impl Core {
                 self.duplicates += 1;
                 return Ok(());
             }
-            self.event_sums(ev, ev.member_id.is_some());
+            self.event_sums(ev, ev.member_id.is_some())?;
             self.applied += 1;
             return Ok(());
         }
@@ -1078,15 +1230,27 @@ impl Core {
         false
     }
 
-    fn event_sums(&mut self, ev: &Ev<'_>, member: bool) {
+    fn event_sums(&mut self, ev: &Ev<'_>, member: bool) -> PyResult<()> {
         let bucket = floor_div(ev.ts, self.bucket_ms);
+        let order_segments =
+            if !self.order_dims.is_empty() && ev.kind == PURCHASE { self.order_segments(ev)? } else { Vec::new() };
         if bucket <= self.aggs.floor || ev.kind == ENROLLMENT {
-            return;
+            return Ok(());
         }
         let sums = &mut self.aggs.sums;
         match ev.kind {
             PURCHASE => {
                 let who = if member { MEMBER_SUMS } else { GUEST_SUMS };
+                let amount = ev.amount.unwrap_or(Num::I(0));
+                for key in &order_segments {
+                    let segment = self.segments.get_mut(key).unwrap();
+                    segment.add(who[0], bucket, amount);
+                    segment.add(who[1], bucket, Num::I(1));
+                    if let Some(margin) = ev.margin {
+                        segment.add(who[2], bucket, margin);
+                        segment.add(who[3], bucket, Num::I(1));
+                    }
+                }
                 sum_num(&mut sums[who[0]], bucket, ev.amount.unwrap_or(Num::I(0)));
                 sum_num(&mut sums[who[1]], bucket, Num::I(1));
                 if let Some(margin) = ev.margin {
@@ -1124,6 +1288,7 @@ impl Core {
             }
             _ => {}
         }
+        Ok(())
     }
 
     fn apply_member_event(&mut self, ev: &Ev<'_>) -> PyResult<()> {
@@ -1168,6 +1333,12 @@ impl Core {
             Some(tier) if ev.kind != REDEMPTION => Some(self.intern(tier)?),
             _ => None,
         };
+        let store = match &ev.store_id {
+            Some(store) if ev.kind == PURCHASE && store.is_truthy()? => Some(self.intern(store)?),
+            _ => None,
+        };
+        let segments_before =
+            if !self.member_dims.is_empty() && old_view.is_some() { Some(self.segments_of(index)) } else { None };
         let validity = self.validity;
         let member = &mut self.members[index as usize];
         let (old_enrolled, old_max) = if self.cohorts && old_view.is_some() {
@@ -1178,7 +1349,7 @@ impl Core {
         let had_purchase = member.purchase_count > 0;
         let points_event = validity.is_some() && (ev.kind == REDEMPTION || ev.points != 0);
         let old_unbacked = member.unbacked();
-        let changes = member.apply(ev, validity, channel, tier);
+        let changes = member.apply(ev, validity, channel, tier, store);
         let new_view = member.view(bucket_ms);
         let unbacked = member.unbacked();
         self.aggs.move_member(old_view.as_ref(), &new_view);
@@ -1199,9 +1370,13 @@ impl Core {
             }
             self.aggs.unbacked += unbacked - old_unbacked;
         }
-        self.event_sums(ev, true);
+        self.event_sums(ev, true)?;
         if self.cohorts {
             self.move_cohort(index, ev, old_view.is_none(), old_enrolled, old_max);
+        }
+        if !self.member_dims.is_empty() {
+            let after = self.segments_of(index);
+            self.move_segments(segments_before, after);
         }
         let old_touch = old_view.and_then(|v| v.buckets[LAST_TOUCH]);
         let touch = new_view.buckets[LAST_TOUCH];
@@ -1228,6 +1403,84 @@ impl Core {
         }
         self.applied += 1;
         Ok(())
+    }
+
+    // ---- segments (SPEC 4.2) -------------------------------------------------------------
+
+    fn segment(&mut self, dimension: u8, value: u32) -> &mut Aggs {
+        let floor = self.aggs.floor;
+        self.segments.entry((dimension, value)).or_insert_with(|| Aggs::with_floor(floor))
+    }
+
+    /// `Processor._segments_of`: the member's contribution and its value of each member
+    /// dimension.
+    fn segments_of(&self, index: u32) -> (Contribution, Vec<u32>) {
+        let member = &self.members[index as usize];
+        let lots = match (self.validity, member.points.as_ref()) {
+            (Some(validity), Some(p)) => p
+                .lots
+                .iter()
+                .zip(&p.remaining)
+                .map(|(lot, remaining)| (floor_div(lot.ts + validity, self.bucket_ms), lot.points, *remaining))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let contribution = Contribution {
+            view: member.view(self.bucket_ms),
+            spend: member.lifetime_spend,
+            balance: member.balance,
+            purchaser: member.purchase_count > 0,
+            unbacked: member.unbacked(),
+            lots,
+        };
+        let values = self
+            .member_dims
+            .iter()
+            .map(|d| match *d {
+                TIER => member.tier,
+                ENROLLMENT_CHANNEL => member.channel,
+                _ => member.home_store,
+            })
+            .collect();
+        (contribution, values)
+    }
+
+    /// `Processor._move_segments`.
+    fn move_segments(&mut self, before: Option<(Contribution, Vec<u32>)>, after: (Contribution, Vec<u32>)) {
+        let dims = self.member_dims.clone();
+        let Some(before) = before else {
+            for (dimension, value) in dims.iter().zip(&after.1) {
+                self.segment(*dimension, *value).add_contribution(&after.0, 1);
+            }
+            return;
+        };
+        if before.0.same(&after.0) && before.1 == after.1 {
+            return;
+        }
+        for ((dimension, old), new) in dims.iter().zip(&before.1).zip(&after.1) {
+            if old == new {
+                self.segment(*dimension, *new).replace_contribution(&before.0, &after.0);
+            } else {
+                self.segment(*dimension, *old).add_contribution(&before.0, -1);
+                self.segment(*dimension, *new).add_contribution(&after.0, 1);
+            }
+        }
+    }
+
+    /// `Processor._order_segments`: the (dimension, value) of a purchase's order dimensions,
+    /// each segment made when first seen.
+    fn order_segments(&mut self, ev: &Ev<'_>) -> PyResult<Vec<(u8, u32)>> {
+        let mut out = Vec::with_capacity(self.order_dims.len());
+        for dimension in self.order_dims.clone() {
+            let value = if dimension == CHANNEL { &ev.channel } else { &ev.store_id };
+            let value = match value {
+                Some(text) if text.is_truthy()? => self.intern(text)?,
+                _ => 0,
+            };
+            self.segment(dimension, value);
+            out.push((dimension, value));
+        }
+        Ok(out)
     }
 
     fn move_lots(&mut self, index: u32, changes: &LotChanges, validity: i64) {
@@ -1372,6 +1625,9 @@ impl Core {
         let floor = (floor_div(k - self.reach, step) - 1) * step;
         if floor > self.aggs.floor {
             self.aggs.collapse(floor);
+            for segment in self.segments.values_mut() {
+                segment.collapse(floor);
+            }
         }
     }
 
@@ -1528,7 +1784,8 @@ impl Core {
     #[new]
     #[pyo3(signature = (event_class, types, *, bucket_ms, validity_ms, at_risk, horizon, notice,
                         dedupe_per_member, guest_dedupe, cohorts, reach, floor_step,
-                        bounded_history, windows, record_churn_history, event_clock, signals))]
+                        bounded_history, windows, record_churn_history, event_clock, signals,
+                        segments=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -1549,7 +1806,22 @@ impl Core {
         record_churn_history: bool,
         event_clock: bool,
         signals: bool,
+        segments: Vec<String>,
     ) -> PyResult<Core> {
+        let mut member_dims = Vec::new();
+        let mut order_dims = Vec::new();
+        for name in &segments {
+            let dimension = DIMENSIONS
+                .iter()
+                .position(|d| d == name)
+                .ok_or_else(|| PyValueError::new_err(format!("unknown segment dimension {name:?}")))?
+                as u8;
+            if dimension < CHANNEL {
+                member_dims.push(dimension);
+            } else {
+                order_dims.push(dimension);
+            }
+        }
         if bucket_ms <= 0 || floor_step <= 0 || windows.is_empty() {
             return Err(PyValueError::new_err("bucket_ms and floor_step must be > 0, windows not empty"));
         }
@@ -1579,6 +1851,9 @@ impl Core {
             names: vec![unknown.unbind()],
             name_index,
             aggs: Aggs::new(),
+            member_dims,
+            order_dims,
+            segments: Map::default(),
             seen: Set::default(),
             seen_order: VecDeque::new(),
             max_ts: None,
@@ -1679,9 +1954,25 @@ impl Core {
         Ok(out)
     }
 
-    /// The aggregates as the parts of a Python `Aggregates` (without mentions, segments, CLV).
+    /// The aggregates as the parts of a Python `Aggregates` (without mentions and CLV), and
+    /// under "segments" the (dimension, value, parts) of each segment.
     fn export<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let aggs = &self.aggs;
+        let out = self.parts(py, &self.aggs)?;
+        let segments = PyList::empty(py);
+        let mut keys: Vec<&(u8, u32)> = self.segments.keys().collect();
+        keys.sort_unstable();
+        for key in keys {
+            let (dimension, value) = *key;
+            let parts = self.parts(py, &self.segments[key])?;
+            segments.append((DIMENSIONS[dimension as usize], self.names[value as usize].clone_ref(py), parts))?;
+        }
+        out.set_item("segments", segments)?;
+        Ok(out)
+    }
+}
+
+impl Core {
+    fn parts<'py>(&self, py: Python<'py>, aggs: &Aggs) -> PyResult<Bound<'py, PyDict>> {
         let out = PyDict::new(py);
         let hists = PyList::empty(py);
         for hist in &aggs.hists {

@@ -33,8 +33,6 @@ __all__ = ["NativeProcessor", "native_core_gap", "make_processor"]
 
 def native_core_gap(settings: Settings) -> str | None:
     """None when the native core covers these settings, else why they run in Python."""
-    if settings.segments:
-        return "segments (SPEC 4.2) run in the Python core"
     if settings.clv:
         return "predictive CLV (SPEC 4.4) runs in the Python core"
     return None
@@ -46,6 +44,15 @@ def make_processor(settings: Settings, **options: Any) -> Processor | NativeProc
     if native_module() is not None and native_core_gap(settings) is None:
         return NativeProcessor(settings, **options)
     return Processor(settings, **options)
+
+
+def _aggregates(parts: dict[str, Any]) -> Aggregates:
+    """An Aggregates of the parts the native core exports (its segments apart)."""
+    aggs = Aggregates()
+    for name, value in parts.items():
+        if name != "segments":
+            setattr(aggs, name, value)
+    return aggs
 
 
 class NativeProcessor:
@@ -70,7 +77,7 @@ class NativeProcessor:
             cohorts=settings.cohorts > 0, reach=reach, floor_step=floor_step,
             bounded_history=bounded_history, windows=list(settings.windows),
             record_churn_history=record_churn_history, event_clock=settings.clock == "event",
-            signals=on_signal is not None)
+            signals=on_signal is not None, segments=list(settings.segments))
         self.on_signal = on_signal
         self.matcher = MentionMatcher(settings.lexicons)
         self.mentions: dict[str, dict[int, int]] = {}  # Aggregates.mentions, kept here
@@ -113,9 +120,10 @@ class NativeProcessor:
     @property
     def aggs(self) -> Aggregates:
         """The aggregates now, exported from the native core (a new object each read)."""
-        aggs = Aggregates()
-        for name, value in self.core.export().items():
-            setattr(aggs, name, value)
+        parts = self.core.export()
+        aggs = _aggregates(parts)
+        aggs.segments = {f"{dimension}\t{value}": _aggregates(segment)
+                         for dimension, value, segment in parts["segments"]}
         aggs.mentions = {key: dict(hist) for key, hist in self.mentions.items()}
         return aggs
 

@@ -9,8 +9,8 @@ earned, surveys with and without member and comments for the lexicons; on top, a
 jump the clock far ahead (statuses at risk, churned, reactivated; expiry notices; history
 folded) and hourly streams are stretched over months for the cohorts. Settings: points
 validity or none, expiry notices, cohorts or none, lexicons or none, de-duplication bounds
-small enough to forget, bounded history or not; the native core does not cover segments or
-CLV (native_core_gap), so neither is set here.
+small enough to forget, bounded history or not, segments on any of the five dimensions; the
+native core does not cover CLV (native_core_gap), so it is not set here.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from tests.property.test_core_vs_oracle import (
     DAY,
     HOUR,
     LEXICONS,
+    SEGMENTS,
     _parsed,
     any_event,
     any_month_event,
@@ -98,7 +99,8 @@ def configs(draw: st.DrawFn) -> Settings:
         cohorts=draw(st.sampled_from([0, 1, 3, 6])), cohort_ages=draw(st.integers(0, 6)),
         lexicons=draw(st.sampled_from([LEXICONS, {}])),
         dedupe_per_member=draw(st.integers(1, 3) | st.just(128)),
-        guest_dedupe=draw(st.integers(1, 5) | st.just(200_000)))
+        guest_dedupe=draw(st.integers(1, 5) | st.just(200_000)),
+        segments=draw(st.just(()) | st.lists(st.sampled_from(SEGMENTS), unique=True).map(tuple)))
 
 
 def _in_days(raw: dict) -> dict:
@@ -173,10 +175,15 @@ class _SideBySide:
              expected.max_ts)
         aggs = got.aggs
         assert type(aggs) is Aggregates
-        assert (aggs.segments, aggs.clv, got.clv_model) == ({}, None, None)
-        exported, reference = _exported(aggs), _exported(expected.aggs)
-        for name in _FIELDS:
-            assert exported[name] == reference[name], name
+        assert (aggs.clv, got.clv_model) == (None, None)
+        reference = expected.aggs
+        for got_aggs, expected_aggs in [(aggs, reference), *(
+                (aggs.segments.get(key), segment) for key, segment in reference.segments.items())]:
+            assert got_aggs is not None
+            exported, wanted = _exported(got_aggs), _exported(expected_aggs)
+            for name in _FIELDS:
+                assert exported[name] == wanted[name], name
+        assert sorted(aggs.segments) == sorted(reference.segments)
         assert _typed(got.churn_history) == _typed(expected.churn_history)
         assert self.got_signals == self.expected_signals
         if evaluate:
@@ -267,11 +274,11 @@ def test_points_past_the_most_an_event_carries_are_a_dead_letter(native, kind):
 
 # ---- what the native core covers, and the switch -------------------------------------------
 
-def test_native_core_covers_everything_but_segments_and_clv():
+def test_native_core_covers_everything_but_clv():
     assert native_core_gap(Settings()) is None
-    for uncovered in (Settings(segments=("tier",)), Settings(clv=True)):
-        reason = native_core_gap(uncovered)
-        assert isinstance(reason, str) and reason, uncovered
+    assert native_core_gap(Settings(segments=SEGMENTS)) is None
+    reason = native_core_gap(Settings(clv=True))
+    assert isinstance(reason, str) and "CLV" in reason
 
 
 @pytest.fixture
@@ -299,5 +306,5 @@ def test_make_processor_is_the_python_core_with_native_turned_off(native_turned_
 @needs_native
 def test_make_processor_is_native_where_it_is_covered():
     assert type(_made(Settings())) is NativeProcessor
-    assert type(_made(Settings(segments=("tier",)))) is Processor
+    assert type(_made(Settings(segments=("tier",)))) is NativeProcessor
     assert type(_made(Settings(clv=True))) is Processor
