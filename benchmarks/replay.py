@@ -37,7 +37,7 @@ import orjson
 from stream_kpis.core import Processor
 from stream_kpis.core.events import Event, EventParser
 from stream_kpis.core.native import NATIVE_ENV, native_module, native_status
-from stream_kpis.core.native_core import NativeProcessor, native_core_gap
+from stream_kpis.core.native_core import NativeProcessor
 from stream_kpis.generate import GeneratorConfig, write_jsonl
 from stream_kpis.replay import BATCH_EVENTS, load_sources, read_csv_rows, read_source, replay, source_for_path
 from stream_kpis.settings import Settings, load_settings
@@ -154,7 +154,7 @@ def _core_rows(events: list[Event], settings: Settings, repeat: int, baseline: s
     rows = [(f"{prefix}apply: Processor.process (parsed events)", len(events), t_core, baseline),
             (f"{prefix}apply: Processor.process_batch ({BATCH_EVENTS:,} a batch)", len(events),
              t_batch, baseline)]
-    if native_module() is not None and native_core_gap(settings) is None:
+    if native_module() is not None:
         t_native, _ = best_of(repeat, apply_native)
         rows.append((f"{prefix}apply: NativeProcessor.process_batch (the native core, as replay)",
                      len(events), t_native, baseline))

@@ -435,6 +435,7 @@ struct Member {
     points: Option<Box<PointLots>>, // with points validity, from the first points event
     status: u8,
     months: Vec<i64>,
+    purchase_days: Vec<(i64, Num)>, // with CLV: (UTC day, total amount), sorted by day
 }
 
 /// With points validity: the lots and redemptions, [ts, event_id, points] sorted by (ts,
@@ -565,6 +566,7 @@ impl Member {
             points: None,
             status: ACTIVE,
             months: Vec::new(),
+            purchase_days: Vec::new(),
         }
     }
 
@@ -774,6 +776,14 @@ impl Member {
         (start..end)
             .map(|i| (floor_div(p.lots[i].ts + validity, bucket_ms), p.remaining[i]))
             .collect()
+    }
+
+    /// `MemberState.add_purchase_day`.
+    fn add_purchase_day(&mut self, day: i64, amount: Num) {
+        match self.purchase_days.binary_search_by_key(&day, |entry| entry.0) {
+            Ok(at) => self.purchase_days[at].1 = self.purchase_days[at].1.plus(amount),
+            Err(at) => self.purchase_days.insert(at, (day, amount)),
+        }
     }
 
     fn add_month(&mut self, month: i64) -> bool {
@@ -1172,6 +1182,10 @@ pub struct Core {
     signals: Vec<SignalRecord>,
     scratch: Vec<u8>,
     comments: Vec<(PyObject, i64)>,
+    clv: bool,
+    // with CLV, per purchase: the member's purchase days before it (None: none) and after it,
+    // for the Python side's SufficientStats (Processor._move_clv)
+    clv_moves: Vec<(Option<Vec<(i64, Num)>>, Vec<(i64, Num)>)>,
     churn: Vec<ChurnRecord>,
 }
 
@@ -1373,6 +1387,12 @@ impl Core {
         self.event_sums(ev, true)?;
         if self.cohorts {
             self.move_cohort(index, ev, old_view.is_none(), old_enrolled, old_max);
+        }
+        if self.clv && ev.kind == PURCHASE {
+            let member = &mut self.members[index as usize];
+            let before = if member.purchase_days.is_empty() { None } else { Some(member.purchase_days.clone()) };
+            member.add_purchase_day(floor_div(ev.ts, 86_400_000), ev.amount.unwrap_or(Num::I(0)));
+            self.clv_moves.push((before, member.purchase_days.clone()));
         }
         if !self.member_dims.is_empty() {
             let after = self.segments_of(index);
@@ -1785,7 +1805,7 @@ impl Core {
     #[pyo3(signature = (event_class, types, *, bucket_ms, validity_ms, at_risk, horizon, notice,
                         dedupe_per_member, guest_dedupe, cohorts, reach, floor_step,
                         bounded_history, windows, record_churn_history, event_clock, signals,
-                        segments=Vec::new()))]
+                        segments=Vec::new(), clv=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -1807,6 +1827,7 @@ impl Core {
         event_clock: bool,
         signals: bool,
         segments: Vec<String>,
+        clv: bool,
     ) -> PyResult<Core> {
         let mut member_dims = Vec::new();
         let mut order_dims = Vec::new();
@@ -1866,6 +1887,8 @@ impl Core {
             signals: Vec::new(),
             scratch: Vec::new(),
             comments: Vec::new(),
+            clv,
+            clv_moves: Vec::new(),
             churn: Vec::new(),
         })
     }
@@ -1932,6 +1955,27 @@ impl Core {
         let out = PyList::empty(py);
         for (comment, bucket) in std::mem::take(&mut self.comments) {
             out.append(PyTuple::new(py, [comment, bucket.into_pyobject(py)?.into_any().unbind()])?)?;
+        }
+        Ok(out)
+    }
+
+    /// With CLV, the purchases since the last call: [(purchase days before or None, after)],
+    /// each a list of (day, total).
+    fn take_clv<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        let days = |days: &[(i64, Num)]| -> PyResult<Bound<'py, PyList>> {
+            let list = PyList::empty(py);
+            for (day, total) in days {
+                list.append((*day, total.to_object(py)))?;
+            }
+            Ok(list)
+        };
+        for (before, after) in std::mem::take(&mut self.clv_moves) {
+            let before = match before {
+                Some(before) => days(&before)?.into_any(),
+                None => py.None().into_bound(py),
+            };
+            out.append((before, days(&after)?))?;
         }
         Ok(out)
     }

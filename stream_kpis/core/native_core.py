@@ -3,12 +3,12 @@ in ``stream_kpis._native.Core`` (Rust, ``native/src/engine.rs``), with the part 
 :class:`Processor` interface that replay uses (issue 12).
 
 The Python :class:`Processor` stays the reference. The native core owns the member states,
-histograms, event sums, cohorts, indexes and churn snapshots; this wrapper keeps what is cheaper
-or safer in Python: matching survey comments against the lexicons (Python's ``re``), formatting
-signals, the churn history dict, and evaluation (the native aggregates are exported as an
-:class:`Aggregates` for :func:`evaluate_kpis`). A configuration the native core does not cover
-(:func:`native_core_gap`) runs in Python, and so does everything when
-``STREAM_KPIS_NATIVE=0``. tests/property/test_native_core.py compares the two event for event.
+histograms, event sums, segments, cohorts, indexes and churn snapshots; this wrapper keeps what
+is cheaper or safer in Python: matching survey comments against the lexicons (Python's ``re``),
+the CLV statistics (numpy, moved purchase by purchase as the core says), formatting signals, the
+churn history dict, and evaluation (the native aggregates are exported as an :class:`Aggregates`
+for :func:`evaluate_kpis`). With ``STREAM_KPIS_NATIVE=0`` (or no extension built) replay runs the
+Python core. tests/property/test_native_core.py compares the two event for event.
 
 Signals reach ``on_signal`` at the end of each :meth:`NativeProcessor.process_batch`, in the
 order the Python core gives them.
@@ -28,20 +28,13 @@ from .timebase import format_rfc3339
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["NativeProcessor", "native_core_gap", "make_processor"]
-
-
-def native_core_gap(settings: Settings) -> str | None:
-    """None when the native core covers these settings, else why they run in Python."""
-    if settings.clv:
-        return "predictive CLV (SPEC 4.4) runs in the Python core"
-    return None
+__all__ = ["NativeProcessor", "make_processor"]
 
 
 def make_processor(settings: Settings, **options: Any) -> Processor | NativeProcessor:
-    """A :class:`NativeProcessor` when the native module is on and covers the settings, else the
-    Python :class:`Processor` (``options``: on_signal, record_churn_history, bounded_history)."""
-    if native_module() is not None and native_core_gap(settings) is None:
+    """A :class:`NativeProcessor` when the native module is on, else the Python
+    :class:`Processor` (``options``: on_signal, record_churn_history, bounded_history)."""
+    if native_module() is not None:
         return NativeProcessor(settings, **options)
     return Processor(settings, **options)
 
@@ -60,9 +53,6 @@ class NativeProcessor:
 
     def __init__(self, settings: Settings, *, on_signal: Callable[[Signal], None] | None = None,
                  record_churn_history: bool = False, bounded_history: bool = True) -> None:
-        gap = native_core_gap(settings)
-        if gap is not None:
-            raise ValueError(f"the native core does not cover these settings: {gap}")
         module = native_module()
         if module is None:
             raise RuntimeError("stream_kpis._native is not available (or STREAM_KPIS_NATIVE=0)")
@@ -77,14 +67,20 @@ class NativeProcessor:
             cohorts=settings.cohorts > 0, reach=reach, floor_step=floor_step,
             bounded_history=bounded_history, windows=list(settings.windows),
             record_churn_history=record_churn_history, event_clock=settings.clock == "event",
-            signals=on_signal is not None, segments=list(settings.segments))
+            signals=on_signal is not None, segments=list(settings.segments), clv=settings.clv)
         self.on_signal = on_signal
         self.matcher = MentionMatcher(settings.lexicons)
         self.mentions: dict[str, dict[int, int]] = {}  # Aggregates.mentions, kept here
         self.mentions_floor = NO_FLOOR
         self.churn_history: dict[int, dict[int, tuple[int, int]]] = {}
         self.history_low: int | None = None  # no key of churn_history is below it
-        self.clv_model = None
+        self.clv_stats = self.clv_model = None
+        if settings.clv:  # the CLV statistics stay in Python (numpy): the core hands over moves
+            from .clv import SufficientStats
+            from .predictive import ClvModel
+
+            self.clv_stats = SufficientStats()
+            self.clv_model = ClvModel(settings)
 
     # ---- the Processor interface replay uses -----------------------------------------------
     def process_batch(self, events: Iterable[Event]) -> None:
@@ -125,6 +121,7 @@ class NativeProcessor:
         aggs.segments = {f"{dimension}\t{value}": _aggregates(segment)
                          for dimension, value, segment in parts["segments"]}
         aggs.mentions = {key: dict(hist) for key, hist in self.mentions.items()}
+        aggs.clv = self.clv_stats
         return aggs
 
     def evaluate(self, K: int | None = None, aggregates: Aggregates | None = None
@@ -135,7 +132,8 @@ class NativeProcessor:
             return []
         if self.history_low is not None and K < self.history_low:
             self.history_low = K  # evaluate_kpis records K's snapshot in the history
-        return evaluate_kpis(self.settings, aggregates or self.aggs, K, self.churn_history)
+        return evaluate_kpis(self.settings, aggregates or self.aggs, K, self.churn_history,
+                             self.clv_model)
 
     # ---- what the Python side keeps --------------------------------------------------------
     def _collect(self) -> None:
@@ -156,6 +154,14 @@ class NativeProcessor:
                 for key in self.matcher.matches(comment):
                     hist = mentions.setdefault(key, {})
                     hist[bucket] = hist.get(bucket, 0) + 1
+        if self.clv_stats is not None:  # Processor._move_clv, purchase by purchase
+            from .clv import UNCLAMPED_DAY, member_key
+
+            stats = self.clv_stats
+            for before, after in core.take_clv():
+                if before is not None:
+                    stats.remove(member_key(dict(before), UNCLAMPED_DAY))
+                stats.add(member_key(dict(after), UNCLAMPED_DAY))
         history = self.churn_history
         for oldest_needed, snapshots in core.take_churn():
             history.update(snapshots)

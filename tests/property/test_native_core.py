@@ -9,8 +9,8 @@ earned, surveys with and without member and comments for the lexicons; on top, a
 jump the clock far ahead (statuses at risk, churned, reactivated; expiry notices; history
 folded) and hourly streams are stretched over months for the cohorts. Settings: points
 validity or none, expiry notices, cohorts or none, lexicons or none, de-duplication bounds
-small enough to forget, bounded history or not, segments on any of the five dimensions; the
-native core does not cover CLV (native_core_gap), so it is not set here.
+small enough to forget, bounded history or not, segments on any of the five dimensions, CLV or
+not.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from stream_kpis.core import Processor
 from stream_kpis.core.events import MAX_POINTS, DeadLetter, Event, EventParser
 from stream_kpis.core.kpis import NO_FLOOR, Aggregates
 from stream_kpis.core.native import NATIVE_ENV, native_module, native_status
-from stream_kpis.core.native_core import NativeProcessor, make_processor, native_core_gap
+from stream_kpis.core.native_core import NativeProcessor, make_processor
 from stream_kpis.settings import Settings
 from tests.property.test_core_vs_oracle import (
     BASE,
@@ -100,7 +100,8 @@ def configs(draw: st.DrawFn) -> Settings:
         lexicons=draw(st.sampled_from([LEXICONS, {}])),
         dedupe_per_member=draw(st.integers(1, 3) | st.just(128)),
         guest_dedupe=draw(st.integers(1, 5) | st.just(200_000)),
-        segments=draw(st.just(()) | st.lists(st.sampled_from(SEGMENTS), unique=True).map(tuple)))
+        segments=draw(st.just(()) | st.lists(st.sampled_from(SEGMENTS), unique=True).map(tuple)),
+        clv=draw(st.sampled_from([False, False, False, True])))  # a CLV fit is slow: a quarter
 
 
 def _in_days(raw: dict) -> dict:
@@ -152,7 +153,6 @@ class _SideBySide:
     """A NativeProcessor and a Processor given the same calls, each with its signals."""
 
     def __init__(self, config: Settings, **options: Any) -> None:
-        assert native_core_gap(config) is None
         self.got_signals: list = []
         self.expected_signals: list = []
         self.got = NativeProcessor(config, on_signal=self.got_signals.append, **options)
@@ -175,7 +175,12 @@ class _SideBySide:
              expected.max_ts)
         aggs = got.aggs
         assert type(aggs) is Aggregates
-        assert (aggs.clv, got.clv_model) == (None, None)
+        if expected.clv_model is None:
+            assert (aggs.clv, got.clv_model) == (None, None)
+        else:
+            stats, wanted = aggs.clv, expected.aggs.clv
+            assert _typed([stats.bgnbd, stats.gamma_gamma, stats.m_sums]) == \
+                _typed([wanted.bgnbd, wanted.gamma_gamma, wanted.m_sums])
         reference = expected.aggs
         for got_aggs, expected_aggs in [(aggs, reference), *(
                 (aggs.segments.get(key), segment) for key, segment in reference.segments.items())]:
@@ -274,13 +279,6 @@ def test_points_past_the_most_an_event_carries_are_a_dead_letter(native, kind):
 
 # ---- what the native core covers, and the switch -------------------------------------------
 
-def test_native_core_covers_everything_but_clv():
-    assert native_core_gap(Settings()) is None
-    assert native_core_gap(Settings(segments=SEGMENTS)) is None
-    reason = native_core_gap(Settings(clv=True))
-    assert isinstance(reason, str) and "CLV" in reason
-
-
 @pytest.fixture
 def native_turned_off(monkeypatch: pytest.MonkeyPatch):
     """STREAM_KPIS_NATIVE=0 for the test; native_module() is cached, so it is asked again
@@ -304,7 +302,7 @@ def test_make_processor_is_the_python_core_with_native_turned_off(native_turned_
 
 
 @needs_native
-def test_make_processor_is_native_where_it_is_covered():
+def test_make_processor_is_native_for_every_setting():
     assert type(_made(Settings())) is NativeProcessor
     assert type(_made(Settings(segments=("tier",)))) is NativeProcessor
-    assert type(_made(Settings(clv=True))) is Processor
+    assert type(_made(Settings(clv=True))) is NativeProcessor
