@@ -4,7 +4,7 @@
 //! `Processor`, which stays the reference: `stream_kpis/core/native_core.py` wraps this class
 //! with the `Processor` interface replay uses, exports the aggregates as the Python
 //! `Aggregates` for evaluation, and runs what is cheaper or safer in Python (lexicon matching of
-//! comments, formatting signals). Configurations it does not cover (segments, CLV) run in Python.
+//! comments, the CLV statistics, formatting signals).
 //!
 //! Every number keeps its Python type: a sum holds an int until a float is added, as `int +
 //! float` does, so the exported aggregates evaluate to the same bytes.
