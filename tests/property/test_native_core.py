@@ -39,8 +39,13 @@ from tests.property.test_core_vs_oracle import (
     any_event,
     any_month_event,
     batches,
+    compare_records,
     members,
     purchase,
+    streams,
+)
+from tests.property.test_core_vs_oracle import (
+    _settings as oracle_settings,
 )
 
 needs_native = pytest.mark.skipif(native_module() is None,
@@ -248,6 +253,26 @@ def test_native_core_equals_processor_with_the_clock_moved(case, cuts, clock, mo
         pair.process_batch(batch)
         pair.assert_same(evaluate=True)
     pair.report()
+
+
+@needs_native
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=streams, validity=st.none() | st.integers(2, 12), later=st.integers(0, 15),
+       cuts=cut_points, seed=st.randoms())
+def test_native_core_equals_brute_force(events, validity, later, cuts, seed):
+    """The native core against the oracle directly (segments on all five dimensions): any
+    arrival order, any batches."""
+    config = oracle_settings(validity)
+    shuffled = list(events)
+    seed.shuffle(shuffled)
+    processor = NativeProcessor(config, on_signal=lambda signal: None)
+    for batch in batches(_parsed(shuffled), cuts):
+        processor.process_batch(batch)
+    if processor.K is None:
+        assert processor.evaluate() == []
+        return
+    for K in (processor.K, processor.K + later):
+        compare_records(processor.evaluate(K), shuffled, config, K)
 
 
 @needs_native
