@@ -852,6 +852,11 @@ struct Aggs {
     cohort_active: Map<i64, Map<i64, i64>>,
     cohort_max: Map<i64, Map<i64, i64>>,
     floor: i64,
+    // what changed since the last export, once there was one: (histogram, bucket), histograms
+    // numbered 0-7 (hists) then 8-28 (sums); `changed_all` after a collapse
+    tracking: bool,
+    changed: Set<(u8, i64)>,
+    changed_all: bool,
 }
 
 impl Aggs {
@@ -870,7 +875,38 @@ impl Aggs {
             cohort_active: Map::default(),
             cohort_max: Map::default(),
             floor: NO_FLOOR,
+            tracking: false,
+            changed: Set::default(),
+            changed_all: true,
         }
+    }
+
+    #[inline]
+    fn changed(&mut self, histogram: usize, bucket: i64) {
+        if self.tracking {
+            self.changed.insert((histogram as u8, bucket));
+        }
+    }
+
+    /// `kpis._add` to a count histogram.
+    #[inline]
+    fn count(&mut self, hist: usize, bucket: i64, amount: i64) {
+        add_count(&mut self.hists[hist], bucket, amount);
+        self.changed(hist, bucket);
+    }
+
+    /// `kpis._add` to a sum.
+    #[inline]
+    fn num(&mut self, sum: usize, bucket: i64, amount: Num) {
+        add_num(&mut self.sums[sum], bucket, amount);
+        self.changed(8 + sum, bucket);
+    }
+
+    /// `hist[bucket] = hist.get(bucket, 0) + amount` on a sum (an event sum keeps a zero).
+    #[inline]
+    fn keep(&mut self, sum: usize, bucket: i64, amount: Num) {
+        sum_num(&mut self.sums[sum], bucket, amount);
+        self.changed(8 + sum, bucket);
     }
 
     fn clamp(&self, bucket: i64) -> i64 {
@@ -883,7 +919,7 @@ impl Aggs {
             for i in 0..8 {
                 if let Some(after) = new.buckets[i] {
                     let after = self.clamp(after);
-                    add_count(&mut self.hists[i], after, 1);
+                    self.count(i, after, 1);
                 }
             }
             let enrolled = new.buckets[ENROLLED].map(|e| self.clamp(e)).unwrap_or(NO_FLOOR);
@@ -896,11 +932,11 @@ impl Aggs {
             if before != after {
                 if let Some(before) = before {
                     let before = self.clamp(before);
-                    add_count(&mut self.hists[i], before, -1);
+                    self.count(i, before, -1);
                 }
                 if let Some(after) = after {
                     let after = self.clamp(after);
-                    add_count(&mut self.hists[i], after, 1);
+                    self.count(i, after, 1);
                 }
             }
         }
@@ -918,8 +954,8 @@ impl Aggs {
 
     fn add_lot(&mut self, expiry: i64, points: i128, remaining: i128) {
         let expiry = self.clamp(expiry);
-        add_num(&mut self.sums[LOT_POINTS], expiry, Num::I(points));
-        add_num(&mut self.sums[LOT_REMAINING], expiry, Num::I(remaining));
+        self.num(LOT_POINTS, expiry, Num::I(points));
+        self.num(LOT_REMAINING, expiry, Num::I(remaining));
     }
 
     fn add_cohort(&mut self, cohort: i64, months: &[i64], sign: i64) {
@@ -990,6 +1026,8 @@ impl Aggs {
             }
         }
         self.floor = floor;
+        self.changed_all = true;
+        self.changed.clear();
     }
 }
 
@@ -1025,15 +1063,15 @@ impl Aggs {
     /// `Aggregates.add`: an event sum (nothing at or before the floor).
     fn add(&mut self, sum: usize, bucket: i64, amount: Num) {
         if bucket > self.floor {
-            add_num(&mut self.sums[sum], bucket, amount);
+            self.num(sum, bucket, amount);
         }
     }
 
     fn add_lots(&mut self, lots: &[(i64, i128, i128)], sign: i64) {
         for (expiry, points, remaining) in lots {
             let expiry = self.clamp(*expiry);
-            add_num(&mut self.sums[LOT_POINTS], expiry, Num::I(sign as i128 * points));
-            add_num(&mut self.sums[LOT_REMAINING], expiry, Num::I(sign as i128 * remaining));
+            self.num(LOT_POINTS, expiry, Num::I(sign as i128 * points));
+            self.num(LOT_REMAINING, expiry, Num::I(sign as i128 * remaining));
         }
     }
 
@@ -1042,7 +1080,7 @@ impl Aggs {
         for i in 0..8 {
             if let Some(bucket) = c.view.buckets[i] {
                 let bucket = self.clamp(bucket);
-                add_count(&mut self.hists[i], bucket, sign);
+                self.count(i, bucket, sign);
             }
         }
         self.members += sign;
@@ -1062,11 +1100,11 @@ impl Aggs {
             if before != after {
                 if let Some(before) = before {
                     let before = self.clamp(before);
-                    add_count(&mut self.hists[i], before, -1);
+                    self.count(i, before, -1);
                 }
                 if let Some(after) = after {
                     let after = self.clamp(after);
-                    add_count(&mut self.hists[i], after, 1);
+                    self.count(i, after, 1);
                 }
             }
         }
@@ -1251,7 +1289,7 @@ impl Core {
         if bucket <= self.aggs.floor || ev.kind == ENROLLMENT {
             return Ok(());
         }
-        let sums = &mut self.aggs.sums;
+        let aggs = &mut self.aggs;
         match ev.kind {
             PURCHASE => {
                 let who = if member { MEMBER_SUMS } else { GUEST_SUMS };
@@ -1265,33 +1303,33 @@ impl Core {
                         segment.add(who[3], bucket, Num::I(1));
                     }
                 }
-                sum_num(&mut sums[who[0]], bucket, ev.amount.unwrap_or(Num::I(0)));
-                sum_num(&mut sums[who[1]], bucket, Num::I(1));
+                aggs.keep(who[0], bucket, ev.amount.unwrap_or(Num::I(0)));
+                aggs.keep(who[1], bucket, Num::I(1));
                 if let Some(margin) = ev.margin {
-                    sum_num(&mut sums[who[2]], bucket, margin);
-                    sum_num(&mut sums[who[3]], bucket, Num::I(1));
+                    aggs.keep(who[2], bucket, margin);
+                    aggs.keep(who[3], bucket, Num::I(1));
                 }
                 if member && ev.points != 0 {
-                    sum_num(&mut sums[POINTS_EARNED], bucket, Num::I(ev.points));
+                    aggs.keep(POINTS_EARNED, bucket, Num::I(ev.points));
                 }
             }
-            REDEMPTION => sum_num(&mut sums[POINTS_REDEEMED], bucket, Num::I(ev.points)),
+            REDEMPTION => aggs.keep(POINTS_REDEEMED, bucket, Num::I(ev.points)),
             SURVEY => {
-                add_num(&mut sums[SURVEYS], bucket, Num::I(1));
+                aggs.num(SURVEYS, bucket, Num::I(1));
                 if let Some(nps) = ev.nps {
                     let score = if nps >= 9 { 1 } else if nps <= 6 { -1 } else { 0 };
                     let offset = if member { 2 } else { 4 };
-                    add_num(&mut sums[NPS_N], bucket, Num::I(1));
-                    add_num(&mut sums[NPS_N + offset], bucket, Num::I(1));
+                    aggs.num(NPS_N, bucket, Num::I(1));
+                    aggs.num(NPS_N + offset, bucket, Num::I(1));
                     if score != 0 {
-                        add_num(&mut sums[NPS_NET], bucket, Num::I(score));
-                        add_num(&mut sums[NPS_NET + offset], bucket, Num::I(score));
+                        aggs.num(NPS_NET, bucket, Num::I(score));
+                        aggs.num(NPS_NET + offset, bucket, Num::I(score));
                     }
                 }
                 if let Some(csat) = ev.csat {
-                    add_num(&mut sums[CSAT_N], bucket, Num::I(1));
+                    aggs.num(CSAT_N, bucket, Num::I(1));
                     if csat >= 4 {
-                        add_num(&mut sums[CSAT_POS], bucket, Num::I(1));
+                        aggs.num(CSAT_POS, bucket, Num::I(1));
                     }
                 }
                 if let Some(comment) = &ev.comment {
@@ -1805,7 +1843,7 @@ impl Core {
     #[pyo3(signature = (event_class, types, *, bucket_ms, validity_ms, at_risk, horizon, notice,
                         dedupe_per_member, guest_dedupe, cohorts, reach, floor_step,
                         bounded_history, windows, record_churn_history, event_clock, signals,
-                        segments=Vec::new(), clv=false))]
+                        segments=Vec::new(), clv=false, sum_names=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -1828,7 +1866,11 @@ impl Core {
         signals: bool,
         segments: Vec<String>,
         clv: bool,
+        sum_names: Vec<String>,
     ) -> PyResult<Core> {
+        if sum_names.iter().map(String::as_str).ne(SUM_NAMES.iter().copied()) {
+            return Err(PyValueError::new_err(format!("the sums must be {SUM_NAMES:?} (kpis.SUM_NAMES)")));
+        }
         let mut member_dims = Vec::new();
         let mut order_dims = Vec::new();
         for name in &segments {
@@ -1999,15 +2041,19 @@ impl Core {
     }
 
     /// The aggregates as the parts of a Python `Aggregates` (without mentions and CLV), and
-    /// under "segments" the (dimension, value, parts) of each segment.
-    fn export<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let out = self.parts(py, &self.aggs)?;
+    /// under "segments" the (dimension, value, parts) of each segment. The first export of
+    /// each has its histograms and sums in full ("hists", "sums"); later ones have only what
+    /// changed since ("changes": (histogram, bucket, value or None when gone), histograms
+    /// numbered as `SUM_NAMES` follows the 8 count histograms), unless a collapse changed all.
+    fn export<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = parts(py, &self.names, &mut self.aggs)?;
         let segments = PyList::empty(py);
-        let mut keys: Vec<&(u8, u32)> = self.segments.keys().collect();
+        let mut keys: Vec<(u8, u32)> = self.segments.keys().copied().collect();
         keys.sort_unstable();
         for key in keys {
-            let (dimension, value) = *key;
-            let parts = self.parts(py, &self.segments[key])?;
+            let (dimension, value) = key;
+            let segment = self.segments.get_mut(&key).unwrap();
+            let parts = parts(py, &self.names, segment)?;
             segments.append((DIMENSIONS[dimension as usize], self.names[value as usize].clone_ref(py), parts))?;
         }
         out.set_item("segments", segments)?;
@@ -2015,29 +2061,14 @@ impl Core {
     }
 }
 
-impl Core {
-    fn parts<'py>(&self, py: Python<'py>, aggs: &Aggs) -> PyResult<Bound<'py, PyDict>> {
-        let out = PyDict::new(py);
+fn parts<'py>(py: Python<'py>, names: &[Py<PyString>], aggs: &mut Aggs) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    if aggs.changed_all || !aggs.tracking {
         let hists = PyList::empty(py);
         for hist in &aggs.hists {
             hists.append(count_dict(py, hist)?)?;
         }
         out.set_item("hists", hists)?;
-        let name = |id: &u32| self.names[*id as usize].clone_ref(py);
-        let by_channel = PyDict::new(py);
-        let mut channels: Vec<&u32> = aggs.by_channel.keys().collect();
-        channels.sort_unstable();
-        for channel in channels {
-            by_channel.set_item(name(channel), count_dict(py, &aggs.by_channel[channel])?)?;
-        }
-        out.set_item("by_channel", by_channel)?;
-        let tiers = PyDict::new(py);
-        let mut tier_ids: Vec<&u32> = aggs.tiers.keys().collect();
-        tier_ids.sort_unstable();
-        for tier in tier_ids {
-            tiers.set_item(name(tier), aggs.tiers[tier])?;
-        }
-        out.set_item("tiers", tiers)?;
         let sums = PyDict::new(py);
         for (sum_name, hist) in SUM_NAMES.iter().zip(&aggs.sums) {
             let mut items: Vec<(i64, Num)> = hist.iter().map(|(k, v)| (*k, *v)).collect();
@@ -2049,19 +2080,48 @@ impl Core {
             sums.set_item(*sum_name, dict)?;
         }
         out.set_item("sums", sums)?;
-        let totals = PyDict::new(py);
-        totals.set_item("members", aggs.members)?;
-        totals.set_item("purchasers", aggs.purchasers)?;
-        totals.set_item("lifetime_spend", aggs.lifetime_spend.to_object(py))?;
-        totals.set_item("points_balance", aggs.points_balance)?;
-        totals.set_item("unbacked", aggs.unbacked)?;
-        out.set_item("totals", totals)?;
-        out.set_item("cohort_members", count_dict(py, &aggs.cohort_members)?)?;
-        out.set_item("cohort_active", nested_dict(py, &aggs.cohort_active)?)?;
-        out.set_item("cohort_max", nested_dict(py, &aggs.cohort_max)?)?;
-        out.set_item("floor", aggs.floor)?;
-        Ok(out)
+    } else {
+        let changes = PyList::empty(py);
+        for (histogram, bucket) in aggs.changed.drain() {
+            let value = if histogram < 8 {
+                aggs.hists[histogram as usize].get(&bucket).map(|count| Num::I(*count as i128))
+            } else {
+                aggs.sums[histogram as usize - 8].get(&bucket).copied()
+            };
+            changes.append((histogram, bucket, value.map(|v| v.to_object(py))))?;
+        }
+        out.set_item("changes", changes)?;
     }
+    aggs.tracking = true; // from now on, what changes is remembered for the next export
+    aggs.changed_all = false;
+    aggs.changed.clear();
+    let name = |id: &u32| names[*id as usize].clone_ref(py);
+    let by_channel = PyDict::new(py);
+    let mut channels: Vec<&u32> = aggs.by_channel.keys().collect();
+    channels.sort_unstable();
+    for channel in channels {
+        by_channel.set_item(name(channel), count_dict(py, &aggs.by_channel[channel])?)?;
+    }
+    out.set_item("by_channel", by_channel)?;
+    let tiers = PyDict::new(py);
+    let mut tier_ids: Vec<&u32> = aggs.tiers.keys().collect();
+    tier_ids.sort_unstable();
+    for tier in tier_ids {
+        tiers.set_item(name(tier), aggs.tiers[tier])?;
+    }
+    out.set_item("tiers", tiers)?;
+    let totals = PyDict::new(py);
+    totals.set_item("members", aggs.members)?;
+    totals.set_item("purchasers", aggs.purchasers)?;
+    totals.set_item("lifetime_spend", aggs.lifetime_spend.to_object(py))?;
+    totals.set_item("points_balance", aggs.points_balance)?;
+    totals.set_item("unbacked", aggs.unbacked)?;
+    out.set_item("totals", totals)?;
+    out.set_item("cohort_members", count_dict(py, &aggs.cohort_members)?)?;
+    out.set_item("cohort_active", nested_dict(py, &aggs.cohort_active)?)?;
+    out.set_item("cohort_max", nested_dict(py, &aggs.cohort_max)?)?;
+    out.set_item("floor", aggs.floor)?;
+    Ok(out)
 }
 
 #[cfg(test)]

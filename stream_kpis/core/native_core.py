@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .events import EVENT_TYPES, Event
-from .kpis import NO_FLOOR, Aggregates, MentionMatcher
+from .kpis import NO_FLOOR, SUM_NAMES, Aggregates, MentionMatcher
 from .native import native_module
 from .processor import Processor, Signal, evaluate_kpis, history_bounds
 from .timebase import format_rfc3339
@@ -39,13 +39,25 @@ def make_processor(settings: Settings, **options: Any) -> Processor | NativeProc
     return Processor(settings, **options)
 
 
-def _aggregates(parts: dict[str, Any]) -> Aggregates:
-    """An Aggregates of the parts the native core exports (its segments apart)."""
-    aggs = Aggregates()
-    for name, value in parts.items():
-        if name != "segments":
-            setattr(aggs, name, value)
-    return aggs
+#: The parts of an Aggregates the core exports in full every time (small beside the rest).
+_WHOLE_PARTS = ("by_channel", "tiers", "totals", "cohort_members", "cohort_active", "cohort_max",
+                "floor")
+
+
+def _update(aggs: Aggregates, parts: dict[str, Any]) -> None:
+    """Bring ``aggs`` to what the core exported: histograms and sums whole, or what changed."""
+    if "hists" in parts:
+        aggs.hists, aggs.sums = parts["hists"], parts["sums"]
+    else:
+        hists, sums = aggs.hists, aggs.sums
+        for histogram, bucket, value in parts["changes"]:
+            hist = hists[histogram] if histogram < 8 else sums[SUM_NAMES[histogram - 8]]
+            if value is None:
+                hist.pop(bucket, None)
+            else:
+                hist[bucket] = value
+    for name in _WHOLE_PARTS:
+        setattr(aggs, name, parts[name])
 
 
 class NativeProcessor:
@@ -67,7 +79,9 @@ class NativeProcessor:
             cohorts=settings.cohorts > 0, reach=reach, floor_step=floor_step,
             bounded_history=bounded_history, windows=list(settings.windows),
             record_churn_history=record_churn_history, event_clock=settings.clock == "event",
-            signals=on_signal is not None, segments=list(settings.segments), clv=settings.clv)
+            signals=on_signal is not None, segments=list(settings.segments), clv=settings.clv,
+            sum_names=list(SUM_NAMES))
+        self.exported = Aggregates()  # what the core exported so far (see aggs)
         self.on_signal = on_signal
         self.matcher = MentionMatcher(settings.lexicons)
         self.mentions: dict[str, dict[int, int]] = {}  # Aggregates.mentions, kept here
@@ -115,11 +129,18 @@ class NativeProcessor:
 
     @property
     def aggs(self) -> Aggregates:
-        """The aggregates now, exported from the native core (a new object each read)."""
+        """The aggregates now, as :attr:`Processor.aggs`: one object, brought up to date by each
+        read. The core exports only what changed since the last read (a replay with ``--every``
+        reads them at every evaluation)."""
         parts = self.core.export()
-        aggs = _aggregates(parts)
-        aggs.segments = {f"{dimension}\t{value}": _aggregates(segment)
-                         for dimension, value, segment in parts["segments"]}
+        aggs = self.exported
+        _update(aggs, parts)
+        for dimension, value, segment_parts in parts["segments"]:
+            key = f"{dimension}\t{value}"
+            segment = aggs.segments.get(key)
+            if segment is None:
+                segment = aggs.segments[key] = Aggregates()
+            _update(segment, segment_parts)
         aggs.mentions = {key: dict(hist) for key, hist in self.mentions.items()}
         aggs.clv = self.clv_stats
         return aggs
