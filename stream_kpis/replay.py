@@ -9,6 +9,7 @@ never stop the replay.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import heapq
@@ -23,10 +24,10 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from .core import evaluate_kpis
+from .core import Processor, evaluate_kpis
 from .core.events import EVENT_TYPES, DeadLetter, Event, EventParser
 from .core.native import native_module
-from .core.native_core import make_processor
+from .core.native_core import LINES_EMIT, LINES_END, NativeProcessor, make_processor
 from .core.timebase import parse_rfc3339_ms, strptime_ms
 from .exceptions import ConfigError, InputFileError
 from .settings import Settings, read_toml
@@ -270,15 +271,8 @@ def read_source(source: Source, parser: EventParser,
 
     ``on_bytes`` receives the bytes read so far, now and then (not for standard input).
     """
-    if source.is_stdin:  # a pipe: no size, no position, and not ours to close
-        yield from _read_file(source, sys.stdin.buffer, parser, None)
-        return
-    try:
-        handle: BinaryIO = open(source.path, "rb")  # noqa: SIM115 (closed below)
-    except OSError as exc:
-        raise InputFileError(f"cannot read {source.path}: {exc.strerror}; check the path") from None
-    with handle:
-        yield from _read_file(source, handle, parser, on_bytes)
+    with _opened(source) as handle:
+        yield from _read_file(source, handle, parser, None if source.is_stdin else on_bytes)
 
 
 def _read_file(source: Source, handle: BinaryIO, parser: EventParser,
@@ -372,6 +366,122 @@ class ReplayResult:
     as_of_bucket: int | None
 
 
+class _Series:
+    """``--every``: the KPI records as of each multiple of the step the event clock passes."""
+
+    def __init__(self, processor: Processor | NativeProcessor, bucket_ms: int,
+                 every_ms: int | None, on_series: Callable[[list[dict]], None] | None) -> None:
+        self.processor = processor
+        self.step = None if every_ms is None else max(1, every_ms // bucket_ms)
+        self.next_emit: int | None = None  # the next as-of bucket of the series
+        self.on_series = on_series
+        self.records: list[dict[str, Any]] = []
+
+    def due(self, bucket: int) -> bool:
+        """Whether an event in ``bucket`` comes after the next as-of bucket: then what came
+        before it is evaluated first (:meth:`emit`)."""
+        if self.step is None:
+            return False
+        if self.next_emit is None:
+            self.next_emit = (bucket // self.step + 1) * self.step - 1
+        return bucket > self.next_emit
+
+    def emit(self, bucket: int) -> None:
+        """Evaluate as of every as-of bucket before ``bucket``."""
+        while bucket > self.next_emit:
+            records = self.processor.evaluate(self.next_emit)
+            self.records.extend(records)
+            if self.on_series is not None:
+                self.on_series(records)
+            self.next_emit += self.step
+
+
+def _process(processor: Processor | NativeProcessor, events: list[Event]) -> None:
+    processor.process_batch(events)
+    # What the core keeps (member states, histograms) lives until the end: out of the cyclic
+    # collector's sight, which otherwise traverses all of it again each time the heap has
+    # grown by a quarter (~12% of a replay). Replay makes no reference cycles (a test checks
+    # this), so nothing frozen is garbage; replay's finally unfreezes it all.
+    gc.freeze()
+
+
+def _replay_items(items: Iterable[Event | DeadLetter], processor: Processor | NativeProcessor,
+                  series: _Series, dead_letter: Callable[[DeadLetter], None]) -> None:
+    """Apply the events of ``items`` in batches, and take their dead letters."""
+    bucket_ms = processor.settings.bucket_ms
+    batch: list[Event] = []
+    for item in items:
+        if item.__class__ is DeadLetter:
+            dead_letter(item)
+            continue
+        if series.step is not None and series.due(item.ts // bucket_ms):
+            _process(processor, batch)  # the series evaluates what came before this event
+            batch = []
+            series.emit(item.ts // bucket_ms)
+        batch.append(item)
+        if len(batch) == BATCH_EVENTS:
+            _process(processor, batch)
+            batch = []
+    _process(processor, batch)
+
+
+#: About how many bytes of a JSON Lines file the native core reads at a time.
+_CHUNK_BYTES = 1 << 20
+
+
+def _replay_jsonl_natively(source: Source, processor: NativeProcessor, parser: EventParser,
+                           series: _Series, dead_letter: Callable[[DeadLetter], None],
+                           on_bytes: Callable[[int], None] | None) -> None:
+    """One JSON Lines source through the native core line by line (no Event objects): what
+    :func:`_replay_items` does with what :func:`read_source` reads, the same results. A line
+    the native JSON reader does not answer for is parsed here (a dead letter, or an event in a
+    form only Python reads), and the series evaluates where it is due."""
+    bucket_ms = processor.settings.bucket_ms
+    before = 0  # lines of the file before this chunk
+    with _opened(source) as handle:
+        while lines := handle.readlines(_CHUNK_BYTES):
+            index = 0
+            while index < len(lines):
+                stop = series.next_emit if series.step is not None else None
+                if series.step is not None and stop is None:
+                    stop = -(1 << 62)  # the first event sets the series' first as-of bucket
+                index, why, bucket = processor.process_lines(lines, index, source.type,
+                                                             parser.max_event_bytes, stop)
+                if why == LINES_EMIT:
+                    if series.due(bucket):
+                        series.emit(bucket)
+                    continue
+                if why == LINES_END:
+                    break
+                item = parser.parse(lines[index].rstrip(b"\r\n"), source.type)
+                if item.__class__ is DeadLetter:
+                    item.topic, item.offset = source.name, before + index + 1
+                    dead_letter(item)
+                else:
+                    if series.due(item.ts // bucket_ms):
+                        series.emit(item.ts // bucket_ms)
+                    processor.process_batch([item])
+                index += 1
+            before += len(lines)
+            gc.freeze()
+            if on_bytes is not None and not source.is_stdin:
+                on_bytes(handle.tell())
+
+
+@contextlib.contextmanager
+def _opened(source: Source) -> Iterator[BinaryIO]:
+    """The source's bytes: standard input (not ours to close) or the file, opened."""
+    if source.is_stdin:
+        yield sys.stdin.buffer
+        return
+    try:
+        handle: BinaryIO = open(source.path, "rb")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise InputFileError(f"cannot read {source.path}: {exc.strerror}; check the path") from None
+    with handle:
+        yield handle
+
+
 def replay(sources: Iterable[Source], settings: Settings, *, every_ms: int | None = None,
            on_dead_letter: Callable[[DeadLetter], None] | None = None,
            on_signal: Callable[[dict], None] | None = None,
@@ -395,52 +505,28 @@ def replay(sources: Iterable[Source], settings: Settings, *, every_ms: int | Non
 
     processor = make_processor(settings, on_signal=count_signal, record_churn_history=True)
     parser = EventParser(settings.max_event_bytes, settings.max_skew_ms)
-    streams = [read_source(source, parser, on_bytes) for source in sources]
-    items = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_by_time)
     dead_letters: Counter = Counter()
-    series: list[dict[str, Any]] = []
-    step = None if every_ms is None else max(1, every_ms // settings.bucket_ms)
-    next_emit = None
-    batch: list[Event] = []
+    series = _Series(processor, settings.bucket_ms, every_ms, on_series)
 
-    def process_batch(events: list[Event]) -> None:
-        processor.process_batch(events)
-        # What the core keeps (member states, histograms) lives until the end: out of the cyclic
-        # collector's sight, which otherwise traverses all of it again each time the heap has
-        # grown by a quarter (~12% of a replay). Replay makes no reference cycles (a test checks
-        # this), so nothing frozen is garbage; the finally below unfreezes it all.
-        gc.freeze()
+    def dead_letter(item: DeadLetter) -> None:
+        dead_letters[item.reason] += 1
+        if on_dead_letter is not None:
+            on_dead_letter(item)
 
+    sources = list(sources)
     try:
-        for item in items:
-            if item.__class__ is DeadLetter:
-                dead_letters[item.reason] += 1
-                if on_dead_letter is not None:
-                    on_dead_letter(item)
-                continue
-            if step is not None:
-                bucket = item.ts // settings.bucket_ms
-                if next_emit is None:
-                    next_emit = (bucket // step + 1) * step - 1
-                if bucket > next_emit:
-                    process_batch(batch)  # the series evaluates what came before this event
-                    batch = []
-                while bucket > next_emit:
-                    records = processor.evaluate(next_emit)
-                    series.extend(records)
-                    if on_series is not None:
-                        on_series(records)
-                    next_emit += step
-            batch.append(item)
-            if len(batch) == BATCH_EVENTS:
-                process_batch(batch)
-                batch = []
-        process_batch(batch)
+        if (len(sources) == 1 and sources[0].format == "jsonl" and parser.native
+                and isinstance(processor, NativeProcessor)):
+            _replay_jsonl_natively(sources[0], processor, parser, series, dead_letter, on_bytes)
+        else:
+            streams = [read_source(source, parser, on_bytes) for source in sources]
+            items = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_by_time)
+            _replay_items(items, processor, series, dead_letter)
     finally:
         gc.unfreeze()
     K = processor.as_of_bucket()
     records = [] if K is None else evaluate_kpis(settings, processor.aggs, K, processor.churn_history,
                                                  processor.clv_model)
-    return ReplayResult(records=records, series=series, applied=processor.applied,
+    return ReplayResult(records=records, series=series.records, applied=processor.applied,
                         duplicates=processor.duplicates, dead_letters=dead_letters,
                         signals=signals, as_of_bucket=K)

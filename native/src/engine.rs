@@ -18,7 +18,10 @@ use std::rc::Rc;
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
+use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
+
+use crate::event::{type_index, valid_event, Parsed};
+use crate::json::read_object;
 
 // ---- a fast hash for small keys (bucket numbers, ids) --------------------------------------
 
@@ -229,12 +232,45 @@ struct Ev<'py> {
     amount: Option<Num>,
     points: i128,
     margin: Option<Num>,
-    channel: Option<Bound<'py, PyAny>>,
-    tier: Option<Bound<'py, PyAny>>,
-    store_id: Option<Bound<'py, PyAny>>,
+    channel: Option<Cow<'py, [u8]>>,
+    tier: Option<Cow<'py, [u8]>>,
+    store_id: Option<Cow<'py, [u8]>>,
     nps: Option<i64>,
     csat: Option<i64>,
-    comment: Option<Bound<'py, PyAny>>,
+    comment: Option<Comment<'py>>,
+}
+
+/// A survey's comment: the `Event`'s str, or the text the JSON reader read.
+enum Comment<'a> {
+    Object(Bound<'a, PyAny>),
+    Text(Cow<'a, str>),
+}
+
+impl<'a> Ev<'a> {
+    /// The event of what the JSON reader parsed (as `Reader::read` reads the `Event` that the
+    /// input stage would build of it).
+    fn of_parsed(event: Parsed<'a>) -> Ev<'a> {
+        let bytes = |text: Cow<'a, str>| match text {
+            Cow::Borrowed(text) => Cow::Borrowed(text.as_bytes()),
+            Cow::Owned(text) => Cow::Owned(text.into_bytes()),
+        };
+        let kind = event.kind as u8;
+        Ev {
+            kind,
+            event_id: bytes(event.event_id),
+            member_id: event.member_id.map(bytes),
+            ts: event.ts,
+            amount: event.amount.map(Num::F),
+            points: if kind == PURCHASE || kind == REDEMPTION { event.points as i128 } else { 0 },
+            margin: event.margin.map(Num::F),
+            channel: event.channel.filter(|_| kind == ENROLLMENT || kind == PURCHASE).map(bytes),
+            tier: event.tier.filter(|_| kind == PURCHASE || kind == ENROLLMENT).map(bytes),
+            store_id: event.store_id.filter(|_| kind == PURCHASE).map(bytes),
+            nps: event.nps,
+            csat: event.csat,
+            comment: event.comment.filter(|_| kind == SURVEY).map(Comment::Text),
+        }
+    }
 }
 
 /// The text of a str as UTF-8 bytes; a str with lone surrogates (which a CSV source's decoding
@@ -365,14 +401,20 @@ impl Reader {
             (None, None)
         };
         let points: i128 = if kind == PURCHASE || kind == REDEMPTION { self.slot(event, 5)?.extract()? } else { 0 };
-        let channel = if kind == ENROLLMENT || kind == PURCHASE { self.optional(event, 7)? } else { None };
-        let store_id = if kind == PURCHASE { self.optional(event, 12)? } else { None };
-        let tier = if kind == PURCHASE || kind == ENROLLMENT { self.optional(event, 8)? } else { None };
+        let text = |index: usize| -> PyResult<Option<Cow<'py, [u8]>>> {
+            match self.optional(event, index)? {
+                Some(value) => Ok(Some(text_bytes(&value)?)),
+                None => Ok(None),
+            }
+        };
+        let channel = if kind == ENROLLMENT || kind == PURCHASE { text(7)? } else { None };
+        let store_id = if kind == PURCHASE { text(12)? } else { None };
+        let tier = if kind == PURCHASE || kind == ENROLLMENT { text(8)? } else { None };
         let (nps, csat, comment) = if kind == SURVEY {
             (
                 self.optional(event, 9)?.map(|n| n.extract::<i64>()).transpose()?,
                 self.optional(event, 10)?.map(|c| c.extract::<i64>()).transpose()?,
-                self.optional(event, 11)?,
+                self.optional(event, 11)?.map(Comment::Object),
             )
         } else {
             (None, None, None)
@@ -1162,6 +1204,11 @@ const TIER: u8 = 0;
 const ENROLLMENT_CHANNEL: u8 = 1;
 const CHANNEL: u8 = 3;
 
+/// Why `Core::process_lines` stopped.
+const LINES_END: u8 = 0;
+const LINES_PYTHON: u8 = 1;
+const LINES_EMIT: u8 = 2;
+
 /// A member signal, formatted by the Python side: (member, signal, K, last touch, points,
 /// expiry bucket).
 struct SignalRecord {
@@ -1228,18 +1275,17 @@ pub struct Core {
 }
 
 impl Core {
-    fn intern(&mut self, text: &Bound<'_, PyAny>) -> PyResult<u32> {
-        let key = text_bytes(text)?;
-        if let Some(id) = self.name_index.get(&key[..]) {
+    fn intern(&mut self, py: Python<'_>, text: &[u8]) -> PyResult<u32> {
+        if let Some(id) = self.name_index.get(text) {
             return Ok(*id);
         }
         let id = self.names.len() as u32;
-        self.names.push(text.downcast::<PyString>()?.clone().unbind());
-        self.name_index.insert(key.as_ref().into(), id);
+        self.names.push(text_object(py, text)?.unbind());
+        self.name_index.insert(text.into(), id);
         Ok(id)
     }
 
-    fn process_one(&mut self, ev: &Ev<'_>) -> PyResult<()> {
+    fn process_one(&mut self, py: Python<'_>, ev: &Ev<'_>) -> PyResult<()> {
         let ts = ev.ts;
         if self.max_ts.map_or(true, |m| ts > m) {
             self.max_ts = Some(ts);
@@ -1253,11 +1299,11 @@ impl Core {
                 self.duplicates += 1;
                 return Ok(());
             }
-            self.event_sums(ev, ev.member_id.is_some())?;
+            self.event_sums(py, ev, ev.member_id.is_some())?;
             self.applied += 1;
             return Ok(());
         }
-        self.apply_member_event(ev)
+        self.apply_member_event(py, ev)
     }
 
     fn seen_without_member(&mut self, ev: &Ev<'_>) -> bool {
@@ -1282,10 +1328,10 @@ impl Core {
         false
     }
 
-    fn event_sums(&mut self, ev: &Ev<'_>, member: bool) -> PyResult<()> {
+    fn event_sums(&mut self, py: Python<'_>, ev: &Ev<'_>, member: bool) -> PyResult<()> {
         let bucket = floor_div(ev.ts, self.bucket_ms);
         let order_segments =
-            if !self.order_dims.is_empty() && ev.kind == PURCHASE { self.order_segments(ev)? } else { Vec::new() };
+            if !self.order_dims.is_empty() && ev.kind == PURCHASE { self.order_segments(py, ev)? } else { Vec::new() };
         if bucket <= self.aggs.floor || ev.kind == ENROLLMENT {
             return Ok(());
         }
@@ -1332,10 +1378,14 @@ impl Core {
                         aggs.num(CSAT_POS, bucket, Num::I(1));
                     }
                 }
-                if let Some(comment) = &ev.comment {
-                    if comment.is_truthy().unwrap_or(true) {
+                match &ev.comment {
+                    Some(Comment::Object(comment)) if comment.is_truthy()? => {
                         self.comments.push((comment.clone().unbind(), bucket));
                     }
+                    Some(Comment::Text(comment)) if !comment.is_empty() => {
+                        self.comments.push((PyString::new(py, comment).into_any().unbind(), bucket));
+                    }
+                    _ => {}
                 }
             }
             _ => {}
@@ -1343,18 +1393,18 @@ impl Core {
         Ok(())
     }
 
-    fn apply_member_event(&mut self, ev: &Ev<'_>) -> PyResult<()> {
+    fn apply_member_event(&mut self, py: Python<'_>, ev: &Ev<'_>) -> PyResult<()> {
         let member_key = ev.member_id.as_deref().unwrap();
         let mut key = std::mem::take(&mut self.scratch); // no allocation per event
         key.clear();
         key.push(TYPE_LETTERS[ev.kind as usize]);
         key.extend_from_slice(&ev.event_id);
-        let result = self.apply_keyed(ev, member_key, &key);
+        let result = self.apply_keyed(py, ev, member_key, &key);
         self.scratch = key;
         result
     }
 
-    fn apply_keyed(&mut self, ev: &Ev<'_>, member_key: &[u8], key: &[u8]) -> PyResult<()> {
+    fn apply_keyed(&mut self, py: Python<'_>, ev: &Ev<'_>, member_key: &[u8], key: &[u8]) -> PyResult<()> {
         let bucket_ms = self.bucket_ms;
         let (index, old_view) = match self.member_index.get(member_key) {
             Some(index) => {
@@ -1378,15 +1428,15 @@ impl Core {
         };
         // interned before borrowing the member: an enrollment's channel, a tier
         let channel = match (&ev.channel, ev.kind) {
-            (Some(channel), ENROLLMENT) if channel.is_truthy()? => self.intern(channel)?,
+            (Some(channel), ENROLLMENT) if !channel.is_empty() => self.intern(py, channel)?,
             _ => 0,
         };
         let tier = match &ev.tier {
-            Some(tier) if ev.kind != REDEMPTION => Some(self.intern(tier)?),
+            Some(tier) if ev.kind != REDEMPTION => Some(self.intern(py, tier)?),
             _ => None,
         };
         let store = match &ev.store_id {
-            Some(store) if ev.kind == PURCHASE && store.is_truthy()? => Some(self.intern(store)?),
+            Some(store) if ev.kind == PURCHASE && !store.is_empty() => Some(self.intern(py, store)?),
             _ => None,
         };
         let segments_before =
@@ -1422,7 +1472,7 @@ impl Core {
             }
             self.aggs.unbacked += unbacked - old_unbacked;
         }
-        self.event_sums(ev, true)?;
+        self.event_sums(py, ev, true)?;
         if self.cohorts {
             self.move_cohort(index, ev, old_view.is_none(), old_enrolled, old_max);
         }
@@ -1527,12 +1577,12 @@ impl Core {
 
     /// `Processor._order_segments`: the (dimension, value) of a purchase's order dimensions,
     /// each segment made when first seen.
-    fn order_segments(&mut self, ev: &Ev<'_>) -> PyResult<Vec<(u8, u32)>> {
+    fn order_segments(&mut self, py: Python<'_>, ev: &Ev<'_>) -> PyResult<Vec<(u8, u32)>> {
         let mut out = Vec::with_capacity(self.order_dims.len());
         for dimension in self.order_dims.clone() {
             let value = if dimension == CHANNEL { &ev.channel } else { &ev.store_id };
             let value = match value {
-                Some(text) if text.is_truthy()? => self.intern(text)?,
+                Some(text) if !text.is_empty() => self.intern(py, text)?,
                 _ => 0,
             };
             self.segment(dimension, value);
@@ -1936,12 +1986,49 @@ impl Core {
     }
 
     /// Apply events in order (`Processor.process_batch`).
-    fn process(&mut self, events: &Bound<'_, PyList>) -> PyResult<()> {
+    fn process(&mut self, py: Python<'_>, events: &Bound<'_, PyList>) -> PyResult<()> {
         for event in events.iter() {
             let ev = self.reader.read(&event)?;
-            self.process_one(&ev)?;
+            self.process_one(py, &ev)?;
         }
         Ok(())
+    }
+
+    /// Read and apply JSON Lines from `lines[start]` on, as replay reads them (a line without
+    /// its line break; a blank line skipped) and `EventParser.parse(line, kind)` would, until
+    /// one of them needs the Python side. Returns (index, why, bucket): `LINES_END` (index =
+    /// len(lines)); `LINES_PYTHON`: the line at index is one the JSON reader does not answer
+    /// for (a dead letter, or a form only Python reads); `LINES_EMIT`: the event at index is in
+    /// `bucket`, after `stop_bucket` (an evaluation of `--every` comes first).
+    #[pyo3(signature = (lines, start, kind, max_event_bytes, stop_bucket=None))]
+    fn process_lines(&mut self, py: Python<'_>, lines: &Bound<'_, PyList>, start: usize, kind: Option<&str>,
+                     max_event_bytes: usize, stop_bucket: Option<i64>) -> PyResult<(usize, u8, i64)> {
+        let kind = match kind {
+            None => None,
+            Some(name) => Some(type_index(name).ok_or_else(|| PyValueError::new_err(format!("unknown event type {name:?}")))?),
+        };
+        let count = lines.len();
+        for index in start..count {
+            let item = lines.get_item(index)?;
+            let line = item.downcast::<PyBytes>()?.as_bytes();
+            let end = line.iter().rposition(|b| *b != b'\r' && *b != b'\n').map_or(0, |i| i + 1);
+            let line = &line[..end];
+            // bytes.strip()'s white space: space, \t, \n, \v, \f, \r
+            if line.iter().all(|b| matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')) {
+                continue;
+            }
+            if line.len() > max_event_bytes {
+                return Ok((index, LINES_PYTHON, 0));
+            }
+            let Some(fields) = read_object(line) else { return Ok((index, LINES_PYTHON, 0)) };
+            let Some(parsed) = valid_event(&fields, kind) else { return Ok((index, LINES_PYTHON, 0)) };
+            let bucket = floor_div(parsed.ts, self.bucket_ms);
+            if stop_bucket.is_some_and(|stop| bucket > stop) {
+                return Ok((index, LINES_EMIT, bucket));
+            }
+            self.process_one(py, &Ev::of_parsed(parsed))?;
+        }
+        Ok((count, LINES_END, 0))
     }
 
     /// Move the as-of bucket to K (`Processor.advance`).

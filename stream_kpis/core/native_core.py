@@ -28,7 +28,11 @@ from .timebase import format_rfc3339
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["NativeProcessor", "make_processor"]
+__all__ = ["NativeProcessor", "make_processor", "LINES_END", "LINES_PYTHON", "LINES_EMIT"]
+
+#: Why :meth:`NativeProcessor.process_lines` stopped: the lines ran out; the line at the index
+#: is one for the Python parser; the event at the index is after the series' next as-of bucket.
+LINES_END, LINES_PYTHON, LINES_EMIT = 0, 1, 2
 
 
 def make_processor(settings: Settings, **options: Any) -> Processor | NativeProcessor:
@@ -102,6 +106,18 @@ class NativeProcessor:
         signals."""
         self.core.process(events if isinstance(events, list) else list(events))
         self._collect()
+
+    def process_lines(self, lines: list[bytes], start: int, event_type: str | None,
+                      max_event_bytes: int, stop_bucket: int | None = None
+                      ) -> tuple[int, int, int]:
+        """Read and apply JSON lines from ``lines[start]`` on, natively, as replay reads a line
+        and ``EventParser.parse(line, event_type)`` parses it, without an Event object;
+        stop at a line the native JSON reader does not answer for (``LINES_PYTHON``) or at an
+        event in a bucket after ``stop_bucket`` (``LINES_EMIT``). Returns (index, why,
+        bucket); then delivers the signals so far."""
+        stopped = self.core.process_lines(lines, start, event_type, max_event_bytes, stop_bucket)
+        self._collect()
+        return stopped
 
     def advance(self, K: int) -> None:
         """Move the as-of bucket to K (:meth:`Processor.advance`)."""

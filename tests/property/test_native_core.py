@@ -331,3 +331,71 @@ def test_make_processor_is_native_for_every_setting():
     assert type(_made(Settings())) is NativeProcessor
     assert type(_made(Settings(segments=("tier",)))) is NativeProcessor
     assert type(_made(Settings(clv=True))) is NativeProcessor
+
+
+# ---- replay's JSON Lines path through the native core (no Event objects) ---------------------
+
+#: Lines the native JSON reader leaves to Python, and lines replay skips or keeps apart.
+_ODD_LINES = [
+    b"", b"   ", b"\t\x0b\x0c ", b"\r", b"not json", b"[1, 2]", b'{"type": "purchase"}',
+    b'{"type":"purchase","event_id":"big","member_id":"m0","ts":1704067200000,"amount":1.0,'
+    b'"points":1,"other":18446744073709551615}',  # an int past 64 bits: Python reads it
+    b'{"type":"purchase","event_id":"x","ts":1704067200000,"amount":-1.0}',
+    b'{"type":"survey","event_id":"s","ts":1704067200000,"nps":11}',
+    b'{"type":"purchase","event_id":"' + b"w" * 300 + b'","ts":1704067200000,"amount":1.0}',
+]
+
+
+@st.composite
+def jsonl_files(draw: st.DrawFn) -> bytes:
+    """A JSON Lines file: valid events in any order, odd lines among them, LF or CRLF line
+    ends, with or without a last line break."""
+    events = draw(st.lists(any_event | earning, min_size=1, max_size=60))
+    lines = [orjson.dumps(raw) for raw in events]
+    for position, line in draw(st.lists(st.tuples(st.integers(0, len(lines)),
+                                                  st.sampled_from(_ODD_LINES)), max_size=8)):
+        lines.insert(position, line)
+    end = draw(st.sampled_from([b"\n", b"\r\n"]))
+    return end.join(lines) + draw(st.sampled_from([end, b""]))
+
+
+@needs_native
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(content=jsonl_files(), every=st.sampled_from([None, HOUR, 5 * HOUR]),
+       chunk=st.sampled_from([64, 1 << 20]), validity=st.none() | st.integers(2, 12))
+def test_replay_of_json_lines_through_the_native_core_is_the_python_replay(
+        tmp_path_factory, monkeypatch, content, every, chunk, validity):
+    """KPIs, the --every series, dead letters (reason, line number, bytes) and signals: the
+    same as the Python replay's, whatever the lines, line ends and chunks read at a time."""
+    from stream_kpis import replay as replay_module
+
+    path = tmp_path_factory.mktemp("jsonl") / "events.jsonl"
+    path.write_bytes(content)
+    config = oracle_settings(validity).with_overrides(max_event_bytes=256)
+    monkeypatch.setattr(replay_module, "_CHUNK_BYTES", chunk)
+
+    calls = []
+    process_lines = NativeProcessor.process_lines
+    monkeypatch.setattr(NativeProcessor, "process_lines",
+                        lambda self, *args: calls.append(args[1]) or process_lines(self, *args))
+
+    def run() -> tuple:
+        dead, signals = [], []
+        result = replay_module.replay(
+            [replay_module.source_for_path(path)], config, every_ms=every,
+            on_dead_letter=lambda item: dead.append((item.reason, item.offset, item.raw)),
+            on_signal=signals.append)
+        return (orjson.dumps(result.records), orjson.dumps(result.series), result.applied,
+                result.duplicates, dead, signals)
+
+    native = run()
+    assert calls  # the native path ran
+    monkeypatch.setenv(NATIVE_ENV, "0")
+    native_module.cache_clear()
+    try:
+        python = run()
+    finally:
+        monkeypatch.delenv(NATIVE_ENV)
+        native_module.cache_clear()
+    assert native == python
