@@ -214,6 +214,17 @@ def measure(path: Path, repeat: int = 3) -> ReplayMeasurement:
     events = [e for e in (event_parser.parse(line) for line in lines) if isinstance(e, Event)]
     core_rows, processor = _core_rows(events, settings, repeat, BASELINE)
     rows += core_rows
+    if native_module() is not None:
+        def parse_and_apply() -> None:
+            native = NativeProcessor(settings.with_overrides(clock="event"),
+                                     record_churn_history=True)
+            start, max_bytes = 0, settings.max_event_bytes
+            while start < n:  # the lines the native reader leaves to Python are skipped here
+                start = native.process_lines(lines, start, None, max_bytes)[0] + 1
+
+        t_fused, _ = best_of(repeat, parse_and_apply)
+        rows.append(("parse + validate + apply: NativeProcessor.process_lines (replay's JSON "
+                     "Lines path, no Event objects)", n, t_fused, BASELINE))
     end_to_end, result = _native_rows("JSONL replay end to end (stream-kpis replay)", n, BASELINE,
                                       repeat, lambda: replay([source_for_path(path)], settings))
     rows += end_to_end
