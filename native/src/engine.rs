@@ -275,6 +275,10 @@ impl<'a> Ev<'a> {
 
 /// The text of a str as UTF-8 bytes; a str with lone surrogates (which a CSV source's decoding
 /// can give) as "surrogatepass" bytes, which sort in code-point order as Python's strings do.
+///
+/// The bytes borrow the str's own UTF-8 buffer for as long as the GIL is held, which outlives
+/// the `Bound` given: sound because every str read here is an `Event` slot's value, and the
+/// `Event` (held by the caller's list) keeps it alive and unchanged while its fields are used.
 fn text_bytes<'py>(text: &Bound<'py, PyAny>) -> PyResult<Cow<'py, [u8]>> {
     unsafe {
         if ffi::PyUnicode_Check(text.as_ptr()) == 0 {
@@ -1279,7 +1283,7 @@ impl Core {
         if let Some(id) = self.name_index.get(text) {
             return Ok(*id);
         }
-        let id = self.names.len() as u32;
+        let id = u32::try_from(self.names.len()).map_err(|_| PyValueError::new_err("too many names"))?;
         self.names.push(text_object(py, text)?.unbind());
         self.name_index.insert(text.into(), id);
         Ok(id)
@@ -1417,7 +1421,8 @@ impl Core {
                 (index, Some(member.view(bucket_ms)))
             }
             None => {
-                let index = self.members.len() as u32;
+                let index = u32::try_from(self.members.len())
+                    .map_err(|_| PyValueError::new_err("more than 2^32 members in one native core"))?;
                 let id: Rc<[u8]> = member_key.into();
                 let mut member = Member::new(id.clone());
                 member.seen(key, self.dedupe_per_member);
@@ -2032,8 +2037,13 @@ impl Core {
     }
 
     /// Move the as-of bucket to K (`Processor.advance`).
-    fn advance(&mut self, k: i64) {
+    fn advance(&mut self, k: i64) -> PyResult<()> {
+        // event time is at most 2100 (events.py): far from where bucket arithmetic overflows
+        if k.checked_mul(self.bucket_ms).map_or(true, |ms| ms.abs() > 1 << 61) {
+            return Err(PyValueError::new_err(format!("as-of bucket {k} is out of range")));
+        }
         self.advance_to(k);
+        Ok(())
     }
 
     #[getter(K)]
