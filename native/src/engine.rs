@@ -481,7 +481,7 @@ struct Member {
     points: Option<Box<PointLots>>, // with points validity, from the first points event
     status: u8,
     months: Vec<i64>,
-    purchase_days: Vec<(i64, Num)>, // with CLV: (UTC day, total amount), sorted by day
+    purchase_days: PurchaseDays, // with CLV: (UTC day, total amount), sorted by day
 }
 
 /// With points validity: the lots and redemptions, [ts, event_id, points] sorted by (ts,
@@ -1208,6 +1208,9 @@ const TIER: u8 = 0;
 const ENROLLMENT_CHANNEL: u8 = 1;
 const CHANNEL: u8 = 3;
 
+/// A member's purchase totals by UTC day, sorted by day (CLV).
+type PurchaseDays = Vec<(i64, Num)>;
+
 /// Why `Core::process_lines` stopped.
 const LINES_END: u8 = 0;
 const LINES_PYTHON: u8 = 1;
@@ -1274,7 +1277,7 @@ pub struct Core {
     clv: bool,
     // with CLV, per purchase: the member's purchase days before it (None: none) and after it,
     // for the Python side's SufficientStats (Processor._move_clv)
-    clv_moves: Vec<(Option<Vec<(i64, Num)>>, Vec<(i64, Num)>)>,
+    clv_moves: Vec<(Option<PurchaseDays>, PurchaseDays)>,
     churn: Vec<ChurnRecord>,
 }
 
