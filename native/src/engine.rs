@@ -20,7 +20,8 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
 
-use crate::event::{type_index, valid_event, Parsed};
+use crate::event::{type_index, valid_event, Parsed, TYPES};
+use crate::{event_types, slot_descriptors};
 use crate::json::read_object;
 
 // ---- a fast hash for small keys (bucket numbers, ids) --------------------------------------
@@ -214,7 +215,6 @@ const PURCHASE: u8 = 0;
 const REDEMPTION: u8 = 1;
 const ENROLLMENT: u8 = 2;
 const SURVEY: u8 = 3;
-const TYPE_NAMES: [&str; 4] = ["purchase", "redemption", "enrollment", "survey"];
 const TYPE_LETTERS: [u8; 4] = [b'p', b'r', b'e', b's'];
 
 /// The `Event` slots the core reads, by index into `Reader::slots`.
@@ -337,23 +337,8 @@ struct Reader {
 
 impl Reader {
     fn new(class: Bound<'_, PyType>, types: Vec<Bound<'_, PyString>>) -> PyResult<Reader> {
-        let mut slots = Vec::new();
-        for name in FIELDS {
-            let slot = class.getattr("__dict__")?.get_item(name)?;
-            let getter = unsafe { (*slot.get_type().as_type_ptr()).tp_descr_get };
-            if slot.get_type().name()? != "member_descriptor" || getter.is_none() {
-                return Err(PyValueError::new_err(format!("Event.{name} must be a slot")));
-            }
-            slots.push(slot.unbind());
-        }
-        if types.len() != 4 || types.iter().zip(TYPE_NAMES).any(|(t, n)| t.to_str().ok() != Some(n)) {
-            return Err(PyValueError::new_err(format!("event types must be {TYPE_NAMES:?}")));
-        }
-        Ok(Reader {
-            class: class.unbind(),
-            slots,
-            types: types.into_iter().map(|t| t.unbind()).collect(),
-        })
+        let slots = slot_descriptors(&class, &FIELDS)?;
+        Ok(Reader { class: class.unbind(), slots, types: event_types(types)? })
     }
 
     #[inline]
@@ -382,7 +367,7 @@ impl Reader {
             Some(kind) => kind,
             None => {
                 let text = kind_obj.downcast::<PyString>()?.to_str()?;
-                TYPE_NAMES
+                TYPES
                     .iter()
                     .position(|n| *n == text)
                     .ok_or_else(|| PyValueError::new_err(format!("unknown event type {text:?}")))?

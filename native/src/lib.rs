@@ -37,31 +37,34 @@ struct Builder {
     slots: Vec<Py<PyAny>>,
 }
 
+/// The event type names given (the core's own string objects), checked against `TYPES`.
+pub(crate) fn event_types(types: Vec<Bound<'_, PyString>>) -> PyResult<Vec<Py<PyString>>> {
+    if types.len() != TYPES.len() || types.iter().zip(TYPES).any(|(kind, name)| kind.to_str().ok() != Some(name)) {
+        return Err(PyValueError::new_err(format!("event types must be {TYPES:?}")));
+    }
+    Ok(types.into_iter().map(Bound::unbind).collect())
+}
+
+/// The member descriptor of each named slot of `class`: getting or setting through it directly
+/// skips the attribute lookup (most of the cost of building or reading an event).
+pub(crate) fn slot_descriptors(class: &Bound<'_, PyType>, names: &[&str]) -> PyResult<Vec<Py<PyAny>>> {
+    let mut slots = Vec::new();
+    for name in names {
+        let slot = class.getattr("__dict__")?.get_item(name)?;
+        let kind = slot.get_type();
+        let (get, set) = unsafe { ((*kind.as_type_ptr()).tp_descr_get, (*kind.as_type_ptr()).tp_descr_set) };
+        if kind.name()? != "member_descriptor" || get.is_none() || set.is_none() {
+            return Err(PyValueError::new_err(format!("Event.{name} must be a slot")));
+        }
+        slots.push(slot.unbind());
+    }
+    Ok(slots)
+}
+
 impl Builder {
     fn new(class: Bound<'_, PyType>, types: Vec<Bound<'_, PyString>>) -> PyResult<Builder> {
-        let mut kinds = Vec::new();
-        for (kind, name) in types.iter().zip(TYPES) {
-            if kind.to_str()? != name {
-                return Err(PyValueError::new_err(format!("event types must be {TYPES:?}")));
-            }
-            kinds.push(kind.clone().unbind());
-        }
-        if kinds.len() != TYPES.len() {
-            return Err(PyValueError::new_err(format!("event types must be {TYPES:?}")));
-        }
-        // the member descriptor of each slot: setting through it directly skips the attribute
-        // lookup of a setattr (most of the cost of building an event)
-        let mut slots = Vec::new();
-        for name in ATTRIBUTES {
-            let slot = class.getattr("__dict__")?.get_item(name)?;
-            let kind = slot.get_type();
-            let settable = unsafe { (*kind.as_type_ptr()).tp_descr_set }.is_some();
-            if kind.name()? != "member_descriptor" || !settable {
-                return Err(PyValueError::new_err(format!("Event.{name} must be a slot")));
-            }
-            slots.push(slot.unbind());
-        }
-        Ok(Builder { class: class.unbind(), types: kinds, slots })
+        let slots = slot_descriptors(&class, &ATTRIBUTES)?;
+        Ok(Builder { class: class.unbind(), types: event_types(types)?, slots })
     }
 
     fn build(&self, py: Python<'_>, event: &Parsed) -> PyResult<PyObject> {
