@@ -79,7 +79,9 @@ class NativeProcessor:
             Event, list(EVENT_TYPES), bucket_ms=settings.bucket_ms,
             validity_ms=settings.points_validity_ms, at_risk=settings.at_risk,
             horizon=settings.churn_horizon, notice=settings.expiring_notice,
-            dedupe_per_member=settings.dedupe_per_member, guest_dedupe=settings.guest_dedupe,
+            # a bound below 0 keeps nothing, as 0 does (len(seen) > bound forgets the new key)
+            dedupe_per_member=max(0, settings.dedupe_per_member),
+            guest_dedupe=max(0, settings.guest_dedupe),
             cohorts=settings.cohorts > 0, reach=reach, floor_step=floor_step,
             bounded_history=bounded_history, windows=list(settings.windows),
             record_churn_history=record_churn_history, event_clock=settings.clock == "event",

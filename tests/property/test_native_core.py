@@ -287,6 +287,19 @@ def test_point_sums_past_64_bits_count_as_in_python():
     pair.assert_same(evaluate=True)
 
 
+@needs_native
+def test_negative_dedupe_bounds_keep_nothing_as_in_python():
+    """A Settings made in code may carry a bound below 0 (TOML settings cannot): both cores
+    then remember no key, as with 0."""
+    pair = _SideBySide(Settings(dedupe_per_member=-1, guest_dedupe=-3))
+    pair.process_batch(_parsed([
+        {"type": kind, "event_id": "e1", "member_id": member, "ts": BASE, "amount": 1.0, "nps": 9}
+        for kind, member in [("purchase", "m"), ("purchase", "m"), ("survey", None),
+                             ("survey", None)]]))
+    assert pair.expected.duplicates == 0
+    pair.assert_same(evaluate=True)
+
+
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("kind", ["purchase", "redemption"])
 def test_points_past_the_most_an_event_carries_are_a_dead_letter(native, kind):
