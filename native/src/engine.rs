@@ -20,9 +20,8 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
 
-use crate::event::{type_index, valid_event, Parsed, TYPES};
+use crate::event::{json_event, type_index, Parsed, TYPES};
 use crate::{event_types, slot_descriptors};
-use crate::json::read_object;
 
 // ---- a fast hash for small keys (bucket numbers, ids) --------------------------------------
 
@@ -983,12 +982,6 @@ impl Aggs {
         }
     }
 
-    fn add_lot(&mut self, expiry: i64, points: i128, remaining: i128) {
-        let expiry = self.clamp(expiry);
-        self.num(LOT_POINTS, expiry, Num::I(points));
-        self.num(LOT_REMAINING, expiry, Num::I(remaining));
-    }
-
     fn add_cohort(&mut self, cohort: i64, months: &[i64], sign: i64) {
         add_count(&mut self.cohort_members, cohort, sign);
         if let Some(last) = months.last() {
@@ -1548,22 +1541,22 @@ impl Core {
 
     /// `Processor._move_segments`.
     fn move_segments(&mut self, before: Option<(Contribution, Vec<u32>)>, after: (Contribution, Vec<u32>)) {
-        let dims = self.member_dims.clone();
         let Some(before) = before else {
-            for (dimension, value) in dims.iter().zip(&after.1) {
-                self.segment(*dimension, *value).add_contribution(&after.0, 1);
+            for (i, value) in after.1.iter().enumerate() {
+                self.segment(self.member_dims[i], *value).add_contribution(&after.0, 1);
             }
             return;
         };
         if before.0.same(&after.0) && before.1 == after.1 {
             return;
         }
-        for ((dimension, old), new) in dims.iter().zip(&before.1).zip(&after.1) {
+        for (i, (old, new)) in before.1.iter().zip(&after.1).enumerate() {
+            let dimension = self.member_dims[i];
             if old == new {
-                self.segment(*dimension, *new).replace_contribution(&before.0, &after.0);
+                self.segment(dimension, *new).replace_contribution(&before.0, &after.0);
             } else {
-                self.segment(*dimension, *old).add_contribution(&before.0, -1);
-                self.segment(*dimension, *new).add_contribution(&after.0, 1);
+                self.segment(dimension, *old).add_contribution(&before.0, -1);
+                self.segment(dimension, *new).add_contribution(&after.0, 1);
             }
         }
     }
@@ -1572,7 +1565,8 @@ impl Core {
     /// each segment made when first seen.
     fn order_segments(&mut self, py: Python<'_>, ev: &Ev<'_>) -> PyResult<Vec<(u8, u32)>> {
         let mut out = Vec::with_capacity(self.order_dims.len());
-        for dimension in self.order_dims.clone() {
+        for i in 0..self.order_dims.len() {
+            let dimension = self.order_dims[i];
             let value = if dimension == CHANNEL { &ev.channel } else { &ev.store_id };
             let value = match value {
                 Some(text) if !text.is_empty() => self.intern(py, text)?,
@@ -1598,9 +1592,7 @@ impl Core {
                 Some(before) => deltas.push((expiry, 0, p.remaining[*i] - before)),
             }
         }
-        for (expiry, points, remaining) in deltas {
-            self.aggs.add_lot(expiry, points, remaining);
-        }
+        self.aggs.add_lots(&deltas, 1);
     }
 
     fn move_cohort(&mut self, index: u32, ev: &Ev<'_>, new_member: bool, old_enrolled: Option<i64>, old_max: Option<i64>) {
@@ -2010,11 +2002,9 @@ impl Core {
             if line.iter().all(|b| matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')) {
                 continue;
             }
-            if line.len() > max_event_bytes {
+            let Some(parsed) = json_event(line, kind, max_event_bytes) else {
                 return Ok((index, LINES_PYTHON, 0));
-            }
-            let Some(fields) = read_object(line) else { return Ok((index, LINES_PYTHON, 0)) };
-            let Some(parsed) = valid_event(&fields, kind) else { return Ok((index, LINES_PYTHON, 0)) };
+            };
             let bucket = floor_div(parsed.ts, self.bucket_ms);
             if stop_bucket.is_some_and(|stop| bucket > stop) {
                 return Ok((index, LINES_EMIT, bucket));

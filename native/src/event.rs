@@ -84,6 +84,15 @@ fn int_in(value: &Option<Value>, low: i64, high: i64) -> Option<Option<i64>> {
     }
 }
 
+/// The event of one JSON input of at most `max_bytes`, of type `kind` (None: its `type` field
+/// names it), or None: what `JsonEvents.parse` and the core's JSON Lines path read.
+pub fn json_event(raw: &[u8], kind: Option<usize>, max_bytes: usize) -> Option<Parsed<'_>> {
+    if raw.len() > max_bytes {
+        return None;
+    }
+    valid_event(&json::read_object(raw)?, kind)
+}
+
 /// The event of `fields`, of type `kind` (None: the `type` field names it), or None.
 pub fn valid_event<'a>(fields: &Fields<'a>, kind: Option<usize>) -> Option<Parsed<'a>> {
     let kind = match kind {

@@ -19,8 +19,8 @@ mod event;
 mod json;
 mod time;
 
-use event::{type_index, valid_event, Parsed, TYPES};
-use json::{field_index, read_object, Fields, Value};
+use event::{json_event, type_index, valid_event, Parsed, TYPES};
+use json::{field_index, Fields, Value};
 use time::{rfc3339_ms, FixedWidth};
 
 /// The attributes of `Event`, in the order `Builder::build` sets them.
@@ -152,9 +152,6 @@ impl JsonEvents {
     #[pyo3(signature = (raw, event_type=None, now_ms=None))]
     fn parse(&self, py: Python<'_>, raw: &[u8], event_type: Option<&Bound<'_, PyString>>,
              now_ms: Option<&Bound<'_, PyAny>>) -> PyResult<Option<PyObject>> {
-        if raw.len() > self.max_event_bytes {
-            return Ok(None);
-        }
         // a clock that is not a 64-bit int: not ours to judge
         let now_ms = match now_ms.map(|now| now.extract::<i64>()) {
             None => None,
@@ -162,8 +159,7 @@ impl JsonEvents {
             Some(Err(_)) => return Ok(None),
         };
         let Ok(kind) = self.builder.kind(event_type) else { return Ok(None) };
-        let Some(fields) = read_object(raw) else { return Ok(None) };
-        match valid_event(&fields, kind) {
+        match json_event(raw, kind, self.max_event_bytes) {
             Some(event) if now_ms.map_or(true, |now| event.ts <= now.saturating_add(self.max_skew_ms)) => {
                 Ok(Some(self.builder.build(py, &event)?))
             }
