@@ -334,19 +334,21 @@ def _native_rows(source: Source, plan: _Plan, width: int
 
 def _read_jsonl(source: Source, handle: BinaryIO, parser: EventParser,
                 on_bytes: Callable[[int], None] | None) -> Iterator[Event | DeadLetter]:
-    parse = parser.parse
-    kind = source.type
-    name = source.name
     for number, line in enumerate(handle, 1):
         if on_bytes is not None and number % 4096 == 0:
             on_bytes(handle.tell())
-        line = line.rstrip(b"\r\n")
-        if not line.strip():
-            continue
-        item = parse(line, kind)
-        if item.__class__ is DeadLetter:
-            item.topic, item.offset = name, number
-        yield item
+        if line.strip():  # (a blank line, its line break apart, is skipped)
+            yield _parsed_line(parser, source, line, number)
+
+
+def _parsed_line(parser: EventParser, source: Source, line: bytes, number: int
+                 ) -> Event | DeadLetter:
+    """The event or dead letter of line ``number`` of a JSON Lines source (with its line
+    break)."""
+    item = parser.parse(line.rstrip(b"\r\n"), source.type)
+    if item.__class__ is DeadLetter:
+        item.topic, item.offset = source.name, number
+    return item
 
 
 def _by_time(item: Event | DeadLetter) -> int:
@@ -385,6 +387,13 @@ class _Series:
         if self.next_emit is None:
             self.next_emit = (bucket // self.step + 1) * self.step - 1
         return bucket > self.next_emit
+
+    def stop_bucket(self) -> int | None:
+        """The bucket after which an event must wait for :meth:`due` (None: never)."""
+        if self.step is None:
+            return None
+        # before the first event, every event: it sets the series' first as-of bucket
+        return -(1 << 62) if self.next_emit is None else self.next_emit
 
     def emit(self, bucket: int) -> None:
         """Evaluate as of every as-of bucket before ``bucket``."""
@@ -442,20 +451,17 @@ def _replay_jsonl_natively(source: Source, processor: NativeProcessor, parser: E
         while lines := handle.readlines(_CHUNK_BYTES):
             index = 0
             while index < len(lines):
-                stop = series.next_emit if series.step is not None else None
-                if series.step is not None and stop is None:
-                    stop = -(1 << 62)  # the first event sets the series' first as-of bucket
                 index, why, bucket = processor.process_lines(lines, index, source.type,
-                                                             parser.max_event_bytes, stop)
+                                                             parser.max_event_bytes,
+                                                             series.stop_bucket())
                 if why == LINES_EMIT:
                     if series.due(bucket):
                         series.emit(bucket)
                     continue
                 if why == LINES_END:
                     break
-                item = parser.parse(lines[index].rstrip(b"\r\n"), source.type)
+                item = _parsed_line(parser, source, lines[index], before + index + 1)
                 if item.__class__ is DeadLetter:
-                    item.topic, item.offset = source.name, before + index + 1
                     dead_letter(item)
                 else:
                     if series.due(item.ts // bucket_ms):
